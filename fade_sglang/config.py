@@ -1,0 +1,208 @@
+"""FadeConfig: every knob of the tiered KV cache, its presets, and validation.
+
+Tiers: ``fp16`` (the model's KV dtype, full precision), ``warm`` (packed
+``warm_bits``, INT4 by default) and ``cold`` (packed ``cold_bits``, INT2 by
+default). ``tier_budget`` splits the KV *bytes* between tiers, so moving budget
+to the packed tiers yields more tokens for the same memory.
+
+Load from a preset, from JSON (a string or a file path; an optional
+``"preset"`` key names the base), and apply CLI-style ``key=value`` overrides.
+Every error is a :class:`FadeConfigError` with a message naming the knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .quant import QuantFormat
+from .quant.formats import SUPPORTED_BITS
+
+__all__ = ["FadeConfig", "FadeConfigError", "PRESETS", "TIER_NAMES"]
+
+TIER_NAMES = ("fp16", "warm", "cold")
+
+
+class FadeConfigError(ValueError):
+    """A bad fade-sglang configuration (the message says which knob and why)."""
+
+
+@dataclass(frozen=True)
+class FadeConfig:
+    preset: str = "balanced"
+    # Full-precision regions.
+    sink_tokens: int = 16  # first tokens of every sequence (attention sinks) stay fp16
+    recent_window: int = 128  # each request's most recent tokens stay fp16
+    shared_prefix_min_hits: int = 2  # radix nodes hit by this many requests stay fp16
+    # Packed tiers.
+    warm_bits: int = 4
+    warm_group_size: int = 64
+    cold_bits: int = 2
+    cold_group_size: int = 32
+    rotation: bool = True  # fixed randomized Hadamard over head_dim (K, q, V; output un-rotated)
+    rotation_seed: int = 0
+    center_keys: bool = True  # subtract a per-(layer, head) key mean frozen at first demotion
+    clip_search: bool = True  # per-group MSE-optimal range clipping at quantize time
+    # Byte budget split over (fp16, warm, cold); a zero share disables that tier.
+    tier_budget: dict[str, float] = field(default_factory=lambda: {"fp16": 0.2, "warm": 0.5, "cold": 0.3})
+    # Policy.
+    demote_running: bool = True  # demote a running request's tokens older than its recent window
+    demote_chunk: int = 64  # demote running requests in chunks of this many tokens (amortizes launches)
+    warm_idle_seconds: float = 5.0  # unlocked radix branches idle this long go fp16 -> warm
+    cold_idle_seconds: float = 60.0  # ... and warm -> cold
+    eviction: bool = True  # evict coldest lowest-tier leaves, only after demotion is exhausted
+    stats_interval_seconds: float = 30.0  # period of the tier-stats log line (0 = off)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def need(cond: bool, knob: str, msg: str) -> None:
+            if not cond:
+                raise FadeConfigError(f"fade config: {knob} {msg}")
+
+        if self.preset not in PRESETS and self.preset != "custom":
+            raise FadeConfigError(f"fade config: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
+        for knob in ("sink_tokens", "recent_window", "shared_prefix_min_hits", "demote_chunk", "rotation_seed"):
+            v = getattr(self, knob)
+            need(isinstance(v, int) and not isinstance(v, bool), knob, f"must be an integer, got {v!r}")
+            need(v >= 0, knob, f"must be >= 0, got {v}")
+        need(self.demote_chunk >= 1, "demote_chunk", "must be >= 1")
+        for knob in ("warm_bits", "cold_bits"):
+            v = getattr(self, knob)
+            need(v in SUPPORTED_BITS and not isinstance(v, bool), knob, f"must be one of {SUPPORTED_BITS}, got {v!r}")
+        need(self.cold_bits <= self.warm_bits, "cold_bits", f"({self.cold_bits}) must not exceed warm_bits ({self.warm_bits})")
+        for knob in ("warm_group_size", "cold_group_size"):
+            v = getattr(self, knob)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, knob, f"must be a positive integer, got {v!r}")
+            need(v & (v - 1) == 0, knob, f"must be a power of two, got {v}")
+        for knob in ("rotation", "center_keys", "clip_search", "demote_running", "eviction"):
+            need(isinstance(getattr(self, knob), bool), knob, f"must be true or false, got {getattr(self, knob)!r}")
+        for knob in ("warm_idle_seconds", "cold_idle_seconds", "stats_interval_seconds"):
+            v = getattr(self, knob)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, knob, f"must be a number >= 0, got {v!r}")
+        budget = self.tier_budget
+        need(isinstance(budget, dict), "tier_budget", f"must be a mapping of {TIER_NAMES} to fractions")
+        unknown = set(budget) - set(TIER_NAMES)
+        need(not unknown, "tier_budget", f"has unknown tiers {sorted(unknown)} (tiers: {', '.join(TIER_NAMES)})")
+        for tier in TIER_NAMES:
+            v = budget.get(tier, 0.0)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "tier_budget", f"[{tier}] must be a number >= 0, got {v!r}")
+        need(budget.get("fp16", 0) > 0, "tier_budget", "[fp16] must be > 0 (new tokens always land in fp16)")
+        total = sum(budget.get(t, 0.0) for t in TIER_NAMES)
+        need(abs(total - 1.0) < 1e-6, "tier_budget", f"fractions must sum to 1, got {total:g}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def budget(self) -> tuple[float, float, float]:
+        return tuple(float(self.tier_budget.get(t, 0.0)) for t in TIER_NAMES)  # type: ignore[return-value]
+
+    @property
+    def cold_enabled(self) -> bool:
+        return self.budget[2] > 0
+
+    @property
+    def warm_format(self) -> QuantFormat:
+        return QuantFormat(self.warm_bits, self.warm_group_size, self.clip_search)
+
+    @property
+    def cold_format(self) -> QuantFormat:
+        return QuantFormat(self.cold_bits, self.cold_group_size, self.clip_search)
+
+    def tier_display_names(self) -> tuple[str, str, str]:
+        return ("fp16", f"int{self.warm_bits}", f"int{self.cold_bits}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str) -> "FadeConfig":
+        if name not in PRESETS:
+            raise FadeConfigError(f"fade config: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+        return cls(preset=name, **PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FadeConfig":
+        if not isinstance(data, Mapping):
+            raise FadeConfigError(f"fade config: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        base = cls.from_preset(data.pop("preset", "balanced"))
+        return base.with_overrides(data, preset_name=base.preset)
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "FadeConfig":
+        """Parse a JSON object given inline (``'{"sink_tokens": 8}'``) or as a path to a .json file."""
+        text = text_or_path.strip()
+        if not text.startswith("{"):
+            if not os.path.isfile(text):
+                raise FadeConfigError(f"fade config: {text_or_path!r} is neither inline JSON nor an existing file")
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FadeConfigError(f"fade config: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: Mapping[str, Any], preset_name: str | None = None) -> "FadeConfig":
+        """Return a copy with knobs replaced; string values (from a CLI) are parsed to the knob's type."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for raw_key, value in overrides.items():
+            key = raw_key.replace("-", "_")
+            if key not in known or key == "preset":
+                raise FadeConfigError(f"fade config: unknown knob {raw_key!r} (knobs: {', '.join(k for k in known if k != 'preset')})")
+            changes[key] = _coerce(key, value, getattr(self, key))
+        if not changes:
+            return self
+        return dataclasses.replace(self, preset=preset_name or "custom", **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def summary(self) -> str:
+        b = self.budget
+        names = self.tier_display_names()
+        split = " ".join(f"{n}={x:.0%}" for n, x in zip(names, b) if x > 0)
+        return (f"preset={self.preset} sinks={self.sink_tokens} recent={self.recent_window} "
+                f"budget[{split}] rotation={'on' if self.rotation else 'off'} eviction={'on' if self.eviction else 'off'}")
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if isinstance(current, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, dict):
+            return json.loads(text)
+    except (ValueError, json.JSONDecodeError):
+        raise FadeConfigError(f"fade config: {key} cannot be {value!r} (expected {type(current).__name__})") from None
+    return text
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # fp16 sinks + recent window, INT4 for everything else; no INT2.
+    "safe": dict(sink_tokens=16, recent_window=256, tier_budget={"fp16": 0.2, "warm": 0.8, "cold": 0.0},
+                 warm_idle_seconds=10.0, cold_idle_seconds=3600.0),
+    # INT4 bulk plus INT2 for aged / cold branches.
+    "balanced": dict(sink_tokens=16, recent_window=128, tier_budget={"fp16": 0.2, "warm": 0.5, "cold": 0.3},
+                     warm_idle_seconds=5.0, cold_idle_seconds=60.0),
+    # Small fp16 tier, most bytes in INT2.
+    "aggressive": dict(sink_tokens=8, recent_window=64, tier_budget={"fp16": 0.1, "warm": 0.3, "cold": 0.6},
+                       warm_idle_seconds=1.0, cold_idle_seconds=10.0),
+}

@@ -1,0 +1,286 @@
+"""TieredKVPool: an SGLang ``MHATokenToKVPool`` whose slot space holds three precision tiers.
+
+* FP16 tier: SGLang's own per-layer ``k_buffer`` / ``v_buffer`` (model dtype), so
+  every write path SGLang has keeps working; new tokens always land here.
+* Warm / cold tiers: :class:`PackedTierStore` buffers (packed INT4 / INT2 by
+  default) in the rotated space, K additionally centered by a per-(layer, head)
+  mean frozen at the first demotion (a fixed shift of every key leaves softmax
+  unchanged; readers add it back, so results do not depend on its value).
+* ``demote(slots, tier)`` moves tokens down a tier for all layers in one batched
+  pass, quantizing each token once per tier change from its highest-precision
+  copy (warm -> cold necessarily starts from the warm values; the fidelity report
+  measures that path as ``tier-int2-via-int4``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from ..config import FadeConfig
+from ..quant import QuantFormat, rotation_matrix
+from .allocator import PoolExhaustedError, SlotError, TierAllocator
+from .layout import Tier, TierLayout, effective_bytes_per_token, split_token_budget
+from .packed_store import PackedTierStore
+from .view import PackedLayerKV, TieredLayerKV, gather_kv
+
+__all__ = ["PackedLayerKV", "TieredKVPool", "TieredLayerKV", "tier_bytes_per_token"]
+
+logger = logging.getLogger(__name__)
+# Upper bound of the float32 temporaries of one demotion chunk ([layers, 2, n, H, D]).
+_DEMOTE_CHUNK_ELEMS = 1 << 24
+
+
+def tier_bytes_per_token(cfg: FadeConfig, layers: int, heads: int, head_dim: int,
+                         dtype: torch.dtype) -> tuple[int, int, int]:
+    """Exact storage bytes of one token (all layers, K and V) in each tier, scales and zeros included."""
+    per_head = (head_dim * torch.empty((), dtype=dtype).element_size(),
+                cfg.warm_format.bytes_per_token_head(head_dim),
+                cfg.cold_format.bytes_per_token_head(head_dim))
+    return tuple(2 * layers * heads * b for b in per_head)  # type: ignore[return-value]
+
+
+class TieredKVPool(MHATokenToKVPool):
+    """``size`` is the total token capacity over all tiers (SGLang sizes it from the effective bytes/token)."""
+
+    fade_config: FadeConfig | None = None  # set on a bound subclass when SGLang constructs the pool
+
+    def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
+                 layer_num: int, device: str, enable_memory_saver: bool, *args: Any,
+                 fade_config: FadeConfig | None = None, strict: bool | None = None, **kwargs: Any):
+        cfg = fade_config or type(self).fade_config or FadeConfig()
+        if page_size != 1:
+            raise ValueError(f"fade KV compression supports page_size 1 only (got {page_size})")
+        if kwargs.get("v_head_dim") not in (None, head_dim):
+            raise ValueError("fade KV compression needs v_head_dim == head_dim")
+        for fmt in (cfg.warm_format, cfg.cold_format):
+            fmt.check_head_dim(head_dim)
+        self.fade_config = cfg
+        self.tier_bytes = tier_bytes_per_token(cfg, layer_num, head_num, head_dim, dtype)
+        self.layout = TierLayout(*split_token_budget(size, cfg.budget, self.tier_bytes), page_size=page_size)
+        self.formats: dict[Tier, QuantFormat] = {Tier.WARM: cfg.warm_format, Tier.COLD: cfg.cold_format}
+        # Packed stores first: the base constructor logs get_kv_size_bytes(), which counts them.
+        self.stores: dict[Tier, PackedTierStore] = {
+            t: PackedTierStore(self.formats[t], layer_num, self.layout.capacity(t), head_num, head_dim, device)
+            for t in (Tier.WARM, Tier.COLD) if self.layout.capacity(t) > 0
+        }
+        super().__init__(self.layout.fp16_slots, page_size, dtype, head_num, head_dim, layer_num, device,
+                         enable_memory_saver, *args, **kwargs)
+        self.total_size = self.layout.total_slots
+        self.strict = (torch.device(device).type == "cpu") if strict is None else strict
+        self.rotation = rotation_matrix(head_dim, cfg.rotation_seed, torch.float32, device) if cfg.rotation else None
+        self.k_center = torch.zeros(layer_num, head_num, head_dim, dtype=torch.float32, device=device)
+        self._center_frozen = [not cfg.center_keys] * layer_num
+        self.allocators = [TierAllocator(t.name.lower(), self.layout.base(t), self.layout.capacity(t), device,
+                                         self.strict) for t in Tier]
+        self.demoted_tokens = {(Tier.FP16, Tier.WARM): 0, (Tier.FP16, Tier.COLD): 0, (Tier.WARM, Tier.COLD): 0}
+
+    # ------------------------------------------------------------------ SGLang buffer layout
+    def _create_buffers_normal(self) -> None:
+        """One [layers, 2, rows, H, D] allocation so demotion gathers all layers in one op."""
+        k_shape, v_shape = self._kv_buffer_shapes()
+        if self.kv_cache_layout != "nhd" or k_shape != v_shape:
+            raise ValueError("fade KV compression needs the NHD KV layout with equal K/V shapes")
+        self.kv_fp16 = torch.zeros(self.layer_num, 2, *k_shape, dtype=self.store_dtype, device=self.device)
+        self.k_buffer = [self.kv_fp16[l, 0] for l in range(self.layer_num)]
+        self.v_buffer = [self.kv_fp16[l, 1] for l in range(self.layer_num)]
+
+    def get_kv_size_bytes(self) -> tuple[int, int]:
+        k, v = super().get_kv_size_bytes()
+        packed = sum(s.nbytes for s in self.stores.values())
+        return k + packed // 2, v + packed - packed // 2
+
+    # ------------------------------------------------------------------ slots
+    def tier_of(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.layout.tier_of(slots)
+
+    def _check_slots(self, slots: torch.Tensor) -> None:
+        if slots.dtype not in (torch.int32, torch.int64):
+            raise SlotError(f"slot indices must be int32/int64, got {slots.dtype}")
+        if slots.numel() and bool(((slots < self.layout.page_size) | (slots >= self.layout.end)).any()):
+            raise SlotError(f"slot index out of range [{self.layout.page_size}, {self.layout.end})")
+
+    def try_alloc(self, n: int, tier: Tier = Tier.FP16) -> torch.Tensor | None:
+        return self.allocators[_tier(tier)].try_alloc(n)
+
+    def alloc(self, n: int, tier: Tier = Tier.FP16) -> torch.Tensor:
+        return self.allocators[_tier(tier)].alloc(n)
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Free slots of any tiers (SGLang frees radix/request slots without knowing their tier)."""
+        if slots.numel() == 0:
+            return
+        slots = slots.to(torch.int64)
+        if self.strict:
+            self._check_slots(slots)
+        tiers = self.tier_of(slots)
+        for t in Tier:
+            part = slots[tiers == t]
+            if part.numel():
+                self.allocators[t].free(part)
+
+    def available(self, tier: Tier = Tier.FP16) -> int:
+        return self.allocators[_tier(tier)].available()
+
+    def used(self, tier: Tier) -> int:
+        return self.allocators[_tier(tier)].used()
+
+    # ------------------------------------------------------------------ rotated / centered space
+    def _to_packed_space(self, kv: torch.Tensor, layers: slice | int) -> torch.Tensor:
+        """Model-space [.., 2, n, H, D] -> float32 rotated space, K centered (freezing centers first)."""
+        x = kv.float()
+        if self.rotation is not None:
+            x = x @ self.rotation
+        layer_ids = range(self.layer_num)[layers] if isinstance(layers, slice) else [layers]
+        self._freeze_centers(x if x.dim() == 5 else x[None], list(layer_ids))
+        center = self.k_center[layers]
+        x[..., 0, :, :, :] -= center[..., None, :, :] if center.dim() == 3 else center[None]
+        return x
+
+    def _freeze_centers(self, x: torch.Tensor, layer_ids: list[int]) -> None:
+        for i, l in enumerate(layer_ids):
+            if not self._center_frozen[l] and x.shape[2] > 0:
+                self.k_center[l] = x[i, 0].mean(0)
+                self._center_frozen[l] = True
+
+    # ------------------------------------------------------------------ writes
+    def set_kv_buffer(self, layer: Any, loc: Any, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      k_scale: float | None = None, v_scale: float | None = None,
+                      layer_id_override: int | None = None, dcp_kv_mask: torch.Tensor | None = None) -> None:
+        """Write K/V; slots in packed tiers are quantized on write (serving only ever writes fp16 slots)."""
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        if isinstance(loc, torch.Tensor) and self.strict:
+            self._check_write(loc, cache_k, cache_v)
+            packed = loc >= self.layout.warm_base
+            if bool(packed.any()):
+                self._write_packed(layer_id - self.start_layer, loc[packed], cache_k[packed], cache_v[packed])
+                keep = ~packed
+                loc, cache_k, cache_v = loc[keep], cache_k[keep], cache_v[keep]
+                if loc.numel() == 0:
+                    return
+        super().set_kv_buffer(layer, loc, cache_k, cache_v, k_scale, v_scale, layer_id_override, dcp_kv_mask)
+
+    def _check_write(self, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+        want = (loc.shape[0], self.head_num, self.head_dim)
+        for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if loc.numel() and bool(((loc < 0) | (loc >= self.layout.end)).any()):
+            raise SlotError(f"write slot out of range [0, {self.layout.end})")
+
+    def _write_packed(self, layer_idx: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        tiers = self.tier_of(loc)
+        x = self._to_packed_space(torch.stack((k, v)), layer_idx)
+        for t in (Tier.WARM, Tier.COLD):
+            sel = tiers == t
+            if bool(sel.any()):
+                self.stores[t].write(self.layout.local_index(loc[sel], t), x[:, sel], layer=layer_idx)
+
+    # ------------------------------------------------------------------ demotion
+    def demote(self, slots: torch.Tensor, to_tier: Tier | int) -> torch.Tensor:
+        """Move ``slots`` down to ``to_tier`` for all layers; return the new slot of every input slot.
+
+        Slots already in ``to_tier`` are returned unchanged. Atomic: on error nothing changes.
+        """
+        to = _tier(to_tier)
+        if to == Tier.FP16:
+            raise SlotError("cannot demote to the fp16 tier (it is the top tier)")
+        slots = slots.to(device=self.kv_fp16.device, dtype=torch.int64).reshape(-1)
+        self._check_slots(slots)
+        tiers = self.tier_of(slots)
+        if bool((tiers > to).any()):
+            raise SlotError(f"cannot promote slots to the {to.name.lower()} tier (demote only moves down)")
+        move = tiers < to
+        n_move = int(move.sum())
+        out = slots.clone()
+        if n_move == 0:
+            return out
+        if to not in self.stores:
+            raise PoolExhaustedError(f"the {to.name.lower()} tier is disabled (zero budget)")
+        if self.strict and torch.unique(slots).numel() != slots.numel():
+            raise SlotError("demote got the same slot twice")
+        new = self.allocators[to].try_alloc(n_move)
+        if new is None:
+            raise PoolExhaustedError(f"{to.name.lower()} tier exhausted: need {n_move} slots, "
+                                     f"{self.available(to)} free")
+        src, src_tiers = slots[move], tiers[move]
+        for t in (Tier.FP16, Tier.WARM):
+            sel = src_tiers == t
+            if bool(sel.any()):
+                self._copy_down(src[sel], t, new[sel], to)
+                self.demoted_tokens[(t, to)] += int(sel.sum())
+        self.free(src)
+        out[move] = new
+        return out
+
+    def _copy_down(self, src: torch.Tensor, src_tier: Tier, dst: torch.Tensor, dst_tier: Tier) -> None:
+        per_token = self.layer_num * 2 * self.head_num * self.head_dim
+        step = max(1, _DEMOTE_CHUNK_ELEMS // per_token)
+        store = self.stores[dst_tier]
+        for i in range(0, src.numel(), step):  # bounded temporaries; chunks of many tokens, not a token loop
+            s, d = src[i:i + step], self.layout.local_index(dst[i:i + step], dst_tier)
+            if src_tier == Tier.FP16:
+                x = self._to_packed_space(self.kv_fp16[:, :, s], slice(None))
+            else:
+                x = self.stores[src_tier].read(self.layout.local_index(s, src_tier))
+            store.write(d, x)
+
+    # ------------------------------------------------------------------ reads
+    def read_kv(self, layer_id: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather K, V (float32, model space) of ``slots`` for one layer, dequantizing packed tiers."""
+        slots = slots.to(device=self.kv_fp16.device, dtype=torch.int64).reshape(-1)
+        if self.strict and slots.numel() and bool(((slots < 0) | (slots >= self.layout.end)).any()):
+            raise SlotError(f"slot index out of range [0, {self.layout.end})")
+        return gather_kv(self.layer_view(layer_id), slots)
+
+    def layer_view(self, layer_id: int) -> TieredLayerKV:
+        l = layer_id - self.start_layer
+
+        def packed(t: Tier) -> PackedLayerKV | None:
+            s = self.stores.get(t)
+            if s is None:
+                return None
+            return PackedLayerKV(s.data[l, 0], s.scale[l, 0], s.zero[l, 0], s.data[l, 1], s.scale[l, 1],
+                                 s.zero[l, 1], self.layout.base(t), s.fmt.bits, s.fmt.group_size_for(self.head_dim))
+
+        return TieredLayerKV(self.k_buffer[l], self.v_buffer[l], packed(Tier.WARM), packed(Tier.COLD),
+                             self.layout.warm_base, self.layout.cold_base, self.rotation, self.k_center[l])
+
+    # ------------------------------------------------------------------ accounting
+    def compressed_storage_bytes(self) -> int:
+        """Bytes that the tokens currently held occupy (used slots x exact per-tier bytes/token)."""
+        return sum(self.used(t) * self.tier_bytes[t] for t in Tier)
+
+    def effective_bytes_per_token(self) -> float:
+        return effective_bytes_per_token(self.fade_config.budget, self.tier_bytes)
+
+    def tier_stats(self) -> dict[str, Any]:
+        names = self.fade_config.tier_display_names()
+        tiers = {}
+        for t in Tier:
+            used = self.used(t)
+            tiers[names[t]] = {"capacity": self.layout.capacity(t), "used": used, "free": self.available(t),
+                               "bytes_per_token": self.tier_bytes[t], "used_bytes": used * self.tier_bytes[t]}
+        tokens = sum(v["used"] for v in tiers.values())
+        stored = self.compressed_storage_bytes()
+        return {
+            "tiers": tiers,
+            "tokens": tokens,
+            "stored_bytes": stored,
+            "compression_ratio": (tokens * self.tier_bytes[Tier.FP16] / stored) if stored else 1.0,
+            "capacity_tokens": self.total_size,
+            "capacity_vs_fp16": self.tier_bytes[Tier.FP16] / self.effective_bytes_per_token(),
+            "demoted_tokens": {f"{names[a]}->{names[b]}": n for (a, b), n in self.demoted_tokens.items()},
+        }
+
+
+def _tier(tier: Tier | int) -> Tier:
+    try:
+        return Tier(int(tier))
+    except (ValueError, TypeError):
+        raise SlotError(f"unknown tier {tier!r} (tiers: {', '.join(f'{t.value}={t.name.lower()}' for t in Tier)})") from None

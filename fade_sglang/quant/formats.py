@@ -1,0 +1,147 @@
+"""Packed asymmetric low-bit formats for KV vectors (torch reference implementation).
+
+Layout, per token and per KV head, along head_dim (D channels):
+  * channels are split into groups of ``group_size``; each group has its own
+    fp16 ``scale`` and fp16 ``zero`` (the group minimum): x ~= zero + q * scale,
+    q in [0, 2**bits - 1] (asymmetric: 4 levels at 2 bits, 16 at 4 bits);
+  * codes are packed "planar": with P = 8 // bits codes per byte, byte j holds
+    channel j + p * (D / P) in bits [p * bits, (p + 1) * bits). Unpacking one
+    byte-row therefore yields P contiguous channel blocks, which is what the
+    Triton kernels want (no interleave in registers).
+
+Everything is vectorized over arbitrary leading dimensions (slots, layers,
+heads): no Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["QuantFormat", "QuantizedKV", "quantize", "dequantize", "pack_codes", "unpack_codes"]
+
+SUPPORTED_BITS = (2, 4, 8)
+_FP16_MAX = 65504.0
+# Candidate shrink factors of the [min, max] range for the clip search; the one
+# with the lowest squared error is kept per group.
+_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """A packed format: ``bits`` per value, one (scale, zero) pair per ``group_size`` channels."""
+
+    bits: int
+    group_size: int
+    clip_search: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.bits
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.group_size_for(head_dim):
+            raise ValueError(f"head_dim {head_dim} is not a multiple of group_size {self.group_size}")
+        if head_dim % self.codes_per_byte:
+            raise ValueError(f"head_dim {head_dim} is not a multiple of {self.codes_per_byte} ({self.bits}-bit packing)")
+
+    def group_size_for(self, head_dim: int) -> int:
+        return min(self.group_size, head_dim)
+
+    def packed_dim(self, head_dim: int) -> int:
+        return head_dim // self.codes_per_byte
+
+    def num_groups(self, head_dim: int) -> int:
+        return head_dim // self.group_size_for(head_dim)
+
+    def bytes_per_token_head(self, head_dim: int) -> int:
+        """Storage of one token of one head for K or V: codes + fp16 scale + fp16 zero per group."""
+        return self.packed_dim(head_dim) + 4 * self.num_groups(head_dim)
+
+
+class QuantizedKV(NamedTuple):
+    data: torch.Tensor  # uint8 [..., D // codes_per_byte]
+    scale: torch.Tensor  # fp16 [..., D // group]
+    zero: torch.Tensor  # fp16 [..., D // group]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[..., D]`` (each < 2**bits) into ``[..., D * bits // 8]`` bytes (planar layout)."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return codes.to(torch.uint8)
+    d = codes.shape[-1]
+    planes = codes.to(torch.int32).reshape(*codes.shape[:-1], per_byte, d // per_byte)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (planes << shifts[:, None]).sum(dim=-2).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[..., Dp]`` bytes -> ``[..., Dp * 8 // bits]`` uint8 codes."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    planes = (packed.to(torch.int32)[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)
+    return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+def _fp16_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero rounded to fp16 *before* coding, so the decoder sees exactly what the coder used."""
+    zero = lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+    scale = ((hi - zero.float()) / levels).clamp(0.0, _FP16_MAX).to(torch.float16)
+    return scale, zero
+
+
+def _code(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
+    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
+    return torch.round((groups - zero.float()[..., None]) / safe[..., None]).clamp_(0, levels)
+
+
+def _group_error(groups, codes, scale, zero) -> torch.Tensor:
+    recon = zero.float()[..., None] + codes * scale.float()[..., None]
+    return (recon - groups).square().sum(-1)
+
+
+def quantize(x: torch.Tensor, fmt: QuantFormat) -> QuantizedKV:
+    """Quantize ``x [..., D]`` (any float dtype) to ``fmt``; math in float32."""
+    d = x.shape[-1]
+    fmt.check_head_dim(d)
+    g = fmt.group_size_for(d)
+    levels = (1 << fmt.bits) - 1
+    groups = x.float().reshape(*x.shape[:-1], d // g, g)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale, zero = _fp16_params(lo, hi, levels)
+    codes = _code(groups, scale, zero, levels)
+    if fmt.clip_search:
+        best_err = _group_error(groups, codes, scale, zero)
+        mid, half = (hi + lo) * 0.5, (hi - lo) * 0.5
+        for ratio in _CLIP_CANDIDATES[1:]:
+            c_scale, c_zero = _fp16_params(mid - half * ratio, mid + half * ratio, levels)
+            c_codes = _code(groups, c_scale, c_zero, levels)
+            err = _group_error(groups, c_codes, c_scale, c_zero)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, c_scale, scale)
+            zero = torch.where(better, c_zero, zero)
+            codes = torch.where(better[..., None], c_codes, codes)
+    packed = pack_codes(codes.reshape(*x.shape[:-1], d).to(torch.uint8), fmt.bits)
+    return QuantizedKV(packed, scale, zero)
+
+
+def dequantize(q: QuantizedKV, fmt: QuantFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode a :class:`QuantizedKV` back to ``[..., D]`` in ``dtype`` (math in float32)."""
+    codes = unpack_codes(q.data, fmt.bits).float()
+    d = codes.shape[-1]
+    g = fmt.group_size_for(d)
+    groups = codes.reshape(*codes.shape[:-1], d // g, g)
+    out = q.zero.float()[..., None] + groups * q.scale.float()[..., None]
+    return out.reshape(*codes.shape[:-1], d).to(dtype)
