@@ -128,7 +128,9 @@ class FadeConfig:
         if not isinstance(data, Mapping):
             raise FadeConfigError(f"fade config: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
-        base = cls.from_preset(data.pop("preset", "balanced"))
+        name = data.pop("preset", "balanced")
+        # "custom" is what to_dict() writes for an overridden config: every knob is in the dict.
+        base = cls(preset="custom") if name == "custom" else cls.from_preset(name)
         return base.with_overrides(data, preset_name=base.preset)
 
     @classmethod

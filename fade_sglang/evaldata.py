@@ -101,16 +101,16 @@ _KEY_ANIMALS = (
 _TEMPLATES = (
     "The {adj} {noun} {vt} the {adj2} {noun2}.",
     "{name} {vi} {adv} {prep} the {place}.",
-    "In the {place}, {name} {vt} a {adj} {noun}.",
+    "In the {place}, {name} {vt} {a_adj} {noun}.",
     "{name} said that the {noun} was {adj}.",
-    "It was a {adj} {time} in the {place}.",
+    "It was {a_adj} {time} in the {place}.",
     "The {noun} {prep} the {place} {vi} {adv}.",
     "{name} and {name2} {vt} the {adj} {noun} {prep} the {place}.",
     "Nobody knew why the {noun} was so {adj}.",
     "After the {time}, {name} {vi} {adv}.",
     "Every {time} the {adj} {noun} {vi} {prep} the {place}.",
     "{name} {vt} the {noun}, and the {noun2} {vi} {adv}.",
-    "There was a {adj} {noun} {prep} the {place}.",
+    "There was {a_adj} {noun} {prep} the {place}.",
     "Later that {time}, the {noun} seemed {adj} and {adj2}.",
     "{name} {vi} {prep} the {adj} {place} and {vi2} {adv}.",
     "Why did {name} {vt_base} the {noun}?",
@@ -129,18 +129,34 @@ _KV_PREAMBLE = (
 
 
 class FillerGenerator:
-    """Natural-looking, digit-free sentences from a small grammar, driven by ``rng``."""
+    """Natural-looking, digit-free sentences from a small grammar, driven by ``rng``.
 
-    def __init__(self, rng: random.Random) -> None:
+    ``repeat_prob`` > 0 makes a sentence, with that probability, a verbatim repeat of an
+    earlier one (training data only: it gives dense long-range copy signal, which is what
+    makes induction/retrieval heads form quickly)."""
+
+    def __init__(self, rng: random.Random, repeat_prob: float = 0.0) -> None:
         self.rng = rng
+        self.repeat_prob = repeat_prob
+        self._history: list[str] = []
 
     def sentence(self) -> str:
+        if self.repeat_prob > 0.0 and self._history and self.rng.random() < self.repeat_prob:
+            return self.rng.choice(self._history)
+        s = self._fresh()
+        if self.repeat_prob > 0.0:
+            self._history.append(s)
+        return s
+
+    def _fresh(self) -> str:
         r = self.rng
         vt, vt_base = r.choice(_VERBS_T)
+        adj = r.choice(_ADJS)
         fields = {
             "name": r.choice(_NAMES), "name2": r.choice(_NAMES),
             "noun": r.choice(_NOUNS), "noun2": r.choice(_NOUNS),
-            "adj": r.choice(_ADJS), "adj2": r.choice(_ADJS),
+            "adj": adj, "adj2": r.choice(_ADJS),
+            "a_adj": ("an " if adj[0] in "aeiou" else "a ") + adj,
             "vt": vt, "vt_base": vt_base,
             "vi": r.choice(_VERBS_I), "vi2": r.choice(_VERBS_I),
             "adv": r.choice(_ADVS), "prep": r.choice(_PREPS),
@@ -201,32 +217,40 @@ def _random_number(rng: random.Random, digits: int) -> str:
 
 
 def _fill_to_budget(
-    rng: random.Random, tokenizer: Any, budget: int, batch: int = 32
+    rng: random.Random, tokenizer: Any, budget: int, batch: int = 32, repeat_prob: float = 0.0
 ) -> tuple[list[str], list[int]]:
     """Sentences (each with a leading space) whose token counts sum to exactly ``budget``
     (or as close as the word granularity allows, never above)."""
-    gen = FillerGenerator(rng)
+    gen = FillerGenerator(rng, repeat_prob)
     out: list[str] = []
     lens: list[int] = []
     total = 0
-    while True:
+    skips = 0
+    # Whole sentences while they fit; skip one that would leave a 1-token gap (the
+    # shortest truncated sentence, "Word.", is 2 tokens).  Stop after a run of misfits:
+    # the remainder is then shorter than most sentences and is closed below.
+    while skips < 8:
         cand = [" " + s for s in gen.sentences(batch)]
         for s, n in zip(cand, _piece_lengths(tokenizer, cand)):
-            if total + n > budget:
-                break
+            left = budget - total - n
+            if left < 0 or left == 1:
+                skips += 1
+                if skips >= 8:
+                    break
+                continue
+            skips = 0
             out.append(s)
             lens.append(n)
             total += n
-        else:
-            continue
-        break
+            if left == 0:
+                return out, lens
     remaining = budget - total
     if remaining <= 0:
         return out, lens
     # Close the gap with a truncated sentence; try a few so the count is exact.
     best: tuple[str, int] | None = None
     for _ in range(24):
-        words = gen.sentence().rstrip(".?").split(" ")
+        words = gen._fresh().rstrip(".?").split(" ")
         prefixes = [" " + " ".join(words[:k]) + "." for k in range(1, len(words) + 1)]
         for p, n in zip(prefixes, _piece_lengths(tokenizer, prefixes)):
             if n <= remaining and (best is None or n > best[1]):
@@ -280,13 +304,14 @@ def _assemble(
     needles: list[tuple[str, str]],
     depths: list[float],
     tail: list[tuple[str, str]],
+    filler_repeat: float = 0.0,
 ) -> tuple[list[tuple[str, str]], int, list[int]]:
     fixed = head + needles + tail
     fixed_len = sum(_piece_lengths(tokenizer, [t for t, _ in fixed])) + _special_overhead(tokenizer)
     budget = context_tokens - fixed_len
     if budget < 0:
         raise ValueError(f"context_tokens={context_tokens} is shorter than the fixed text ({fixed_len})")
-    sentences, lens = _fill_to_budget(rng, tokenizer, budget)
+    sentences, lens = _fill_to_budget(rng, tokenizer, budget, repeat_prob=filler_repeat)
     needle_lens = _piece_lengths(tokenizer, [t for t, _ in needles])
     body, offsets = _place_needles(sentences, lens, needles, needle_lens, depths)
     segs = head + body + tail
@@ -300,6 +325,7 @@ def passkey_sample(
     depth_fraction: float,
     tokenizer: Any,
     digits: int = 5,
+    filler_repeat: float = 0.0,
 ) -> EvalSample:
     """Passkey retrieval prompt of exactly ``context_tokens`` tokens (BOS included) when
     the filler granularity allows (always within a couple of tokens, never above).
@@ -316,6 +342,7 @@ def passkey_sample(
         needles=[needle],
         depths=[depth_fraction],
         tail=[(PASSKEY_QUESTION, "query")],
+        filler_repeat=filler_repeat,
     )
     prompt = "".join(t for t, _ in segs)
     return EvalSample(
@@ -350,6 +377,7 @@ def kv_recall_sample(
     depths: Sequence[float] | None = None,
     digits: int = 5,
     num_queries: int = 1,
+    filler_repeat: float = 0.0,
 ) -> EvalSample:
     """Associative recall: ``num_pairs`` sentences ``The code of the <key> is <value>.``
     scattered in filler, then ``num_queries`` questions.  Keys are two words (color +
@@ -369,7 +397,7 @@ def kv_recall_sample(
     if num_queries == 1:
         order = [rng.randrange(num_pairs) if query_index is None else query_index]
     else:
-        order = [rng.randrange(num_pairs) for _ in range(num_queries)]
+        order = rng.sample(range(num_pairs), min(num_queries, num_pairs))
     tail: list[tuple[str, str]] = []
     for j, qi in enumerate(order):
         lead = "\n" if j == 0 else " "
@@ -382,6 +410,7 @@ def kv_recall_sample(
         needles=needles,
         depths=list(depths),
         tail=tail,
+        filler_repeat=filler_repeat,
     )
     prompt = "".join(t for t, _ in segs)
     return EvalSample(
@@ -413,13 +442,16 @@ def score_answer(generated: str, answer: str) -> bool:
 
 
 def tokenizer_corpus(rng: random.Random, num_sentences: int = 20000) -> list[str]:
-    """Text lines covering filler, needles, queries and numbers, for training the BPE."""
+    """Text lines covering filler, needles, queries and numbers, for training the BPE.
+
+    Fixed phrases (preambles, key words) are repeated enough that BPE gives them whole
+    tokens instead of spelling them out letter by letter."""
     gen = FillerGenerator(rng)
     lines = [" ".join(gen.sentences(8)) for _ in range(num_sentences // 8)]
     keys = [f"{c} {a}" for c in _KEY_COLORS for a in _KEY_ANIMALS]
-    for _ in range(num_sentences // 20):
+    for _ in range(num_sentences // 4):
         k, v = rng.choice(keys), _random_number(rng, 5)
         lines.append(f"The code of the {k} is {v}. What is the code of the {k}? The code of the {k} is {v}.")
         lines.append(f"The pass key is {v}. Remember it. {v} is the pass key.{PASSKEY_QUESTION} {v}.")
-    lines.extend([PASSKEY_PREAMBLE, _KV_PREAMBLE] * 50)
+    lines.extend([PASSKEY_PREAMBLE, _KV_PREAMBLE] * (num_sentences // 10))
     return lines

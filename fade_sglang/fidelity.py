@@ -21,12 +21,14 @@ from typing import Callable
 
 import torch
 
+from .config import FadeConfig
 from .quant import QuantFormat, dequantize, quantize, rotation_matrix
 from .synthetic import correlated_queries, synthetic_kv
 
 __all__ = ["FidelityRow", "fidelity_report", "main"]
 
 KVI_GROUP = 32  # KIVI's group size (tokens for K, channels for V)
+CENTER_CALIBRATION_TOKENS = 256  # tokens seen before the first demotion freezes the key center
 
 
 @dataclass
@@ -54,17 +56,41 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------- tier formats
-def _tier_roundtrip(x: torch.Tensor, fmt: QuantFormat, rot: torch.Tensor | None) -> torch.Tensor:
-    xr = x @ rot if rot is not None else x
-    y = dequantize(quantize(xr, fmt), fmt)
+@dataclass(frozen=True)
+class TierVariant:
+    """How a tier stores KV: format, rotation, and K centering (as TieredKVPool does it)."""
+
+    fmt: QuantFormat
+    rotate: bool = True
+    center_keys: bool = True
+
+
+def _to_space(x: torch.Tensor, rot: torch.Tensor | None, center: torch.Tensor | None) -> torch.Tensor:
+    y = x @ rot if rot is not None else x
+    return y - center if center is not None else y
+
+
+def _from_space(y: torch.Tensor, rot: torch.Tensor | None, center: torch.Tensor | None) -> torch.Tensor:
+    y = y + center if center is not None else y
     return y @ rot.T if rot is not None else y
 
 
-def _via(x: torch.Tensor, first: QuantFormat, second: QuantFormat, rot: torch.Tensor | None) -> torch.Tensor:
-    """Demotion through the first format's values (quantize once per tier change)."""
-    xr = x @ rot if rot is not None else x
-    y = dequantize(quantize(dequantize(quantize(xr, first), first), second), second)
-    return y @ rot.T if rot is not None else y
+def _tier_kv(k: torch.Tensor, v: torch.Tensor, chain: list[TierVariant], rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V after storage in ``chain[-1]``, reached through the earlier formats of ``chain`` (demotion path).
+
+    The key center is frozen from the first CENTER_CALIBRATION_TOKENS tokens only, like the pool
+    freezes it at its first demotion (it never sees the future).
+    """
+    first = chain[0]
+    r = rot if first.rotate else None
+    center = _to_space(k[:CENTER_CALIBRATION_TOKENS], r, None).mean(0) if first.center_keys else None
+    out = []
+    for x, c in ((k, center), (v, None)):
+        y = _to_space(x, r, c)
+        for variant in chain:  # each tier change quantizes once, from the previous tier's values
+            y = dequantize(quantize(y, variant.fmt), variant.fmt)
+        out.append(_from_space(y, r, c))
+    return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------- anchors
@@ -102,15 +128,15 @@ def fidelity_report(
     num_kv_heads: int = 8,
     q_per_kv: int = 4,
     head_dim: int = 128,
-    num_queries: int = 16,
+    num_queries: int = 64,
     seed: int = 0,
-    rotation_seed: int = 0,
-    extra_tiers: dict[str, tuple[QuantFormat, bool]] | None = None,
+    config: FadeConfig | None = None,
 ) -> list[FidelityRow]:
     k, v = synthetic_kv(num_tokens, num_kv_heads, head_dim, seed=seed)
     q = correlated_queries(k, q_per_kv, num_queries, seed=seed)
     ref_out = _attention(q, k.double(), v.double())
-    rot = rotation_matrix(head_dim, rotation_seed)
+    config = config or FadeConfig()
+    rot = rotation_matrix(head_dim, config.rotation_seed)
     fp16_bytes = 2.0 * head_dim
 
     def row(name: str, bits: float, nbytes: float, fn: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> FidelityRow:
@@ -121,23 +147,9 @@ def fidelity_report(
         )
 
     rows = [row("fp16", 16, fp16_bytes, lambda: (k.half().float(), v.half().float()))]
-    tiers: dict[str, tuple[QuantFormat, bool]] = {
-        "tier-int4-g128-rot": (QuantFormat(4, 128), True),
-        "tier-int4-g64-rot": (QuantFormat(4, 64), True),
-        "tier-int4-g128-norot": (QuantFormat(4, 128), False),
-        "tier-int2-g32-rot-clip": (QuantFormat(2, 32, clip_search=True), True),
-        "tier-int2-g64-rot-clip": (QuantFormat(2, 64, clip_search=True), True),
-        "tier-int2-g32-rot": (QuantFormat(2, 32), True),
-        "tier-int2-g32-norot-clip": (QuantFormat(2, 32, clip_search=True), False),
-    }
-    tiers.update(extra_tiers or {})
-    for name, (fmt, rotate) in tiers.items():
-        r = rot if rotate else None
-        rows.append(row(name, fmt.bits, fmt.bytes_per_token_head(head_dim),
-                        lambda fmt=fmt, r=r: (_tier_roundtrip(k, fmt, r), _tier_roundtrip(v, fmt, r))))
-    int4, int2 = QuantFormat(4, 128), QuantFormat(2, 32, clip_search=True)
-    rows.append(row("tier-int2-via-int4", 2, int2.bytes_per_token_head(head_dim),
-                    lambda: (_via(k, int4, int2, rot), _via(v, int4, int2, rot))))
+    for name, chain in tier_variants(config).items():
+        rows.append(row(name, chain[-1].fmt.bits, chain[-1].fmt.bytes_per_token_head(head_dim),
+                        lambda chain=chain: _tier_kv(k, v, chain, rot)))
     for bits in (4, 2):
         rows.append(row(f"kivi-int{bits}", bits, _kivi_bytes(bits, head_dim), lambda bits=bits: _kivi(k, v, bits)))
     sym_bytes = head_dim / 2 + (2 + 2 * head_dim / num_tokens) / 2  # V: 2 B/token; K: 2 B/channel amortized
@@ -145,11 +157,34 @@ def fidelity_report(
     return rows
 
 
+def tier_variants(config: FadeConfig) -> dict[str, list[TierVariant]]:
+    """The configured tiers (first row of each kind) plus ablations that show what each choice buys."""
+    warm = TierVariant(config.warm_format, config.rotation, config.center_keys)
+    cold = TierVariant(config.cold_format, config.rotation, config.center_keys)
+
+    def tag(v: TierVariant) -> str:
+        parts = [f"g{v.fmt.group_size}", "rot" if v.rotate else "norot"]
+        parts += ["ctr"] if v.center_keys else []
+        parts += ["clip"] if v.fmt.clip_search else []
+        return "-".join(parts)
+
+    def variant(bits: int, group: int, rotate: bool = True, center: bool = True, clip: bool = True) -> TierVariant:
+        return TierVariant(QuantFormat(bits, group, clip), rotate, center)
+
+    ablations = [variant(4, 128), variant(4, 64, center=False, clip=False), variant(4, 128, rotate=False, center=False, clip=False),
+                 variant(2, 64), variant(2, 32, center=False), variant(2, 32, rotate=False, center=False)]
+    out: dict[str, list[TierVariant]] = {}
+    for v in [warm, cold] + ablations:
+        out.setdefault(f"tier-int{v.fmt.bits}-{tag(v)}", [v])
+    out[f"tier-int{cold.fmt.bits}-via-int{warm.fmt.bits}-{tag(cold)}"] = [warm, cold]
+    return out
+
+
 def _print_table(rows: list[FidelityRow], file=sys.stdout) -> None:
     cols = ("name", "bits", "B/tok/head", "compress", "k_rel_err", "v_rel_err", "attn_out_rel_err")
-    print(f"{cols[0]:<28}{cols[1]:>5}{cols[2]:>12}{cols[3]:>10}{cols[4]:>11}{cols[5]:>11}{cols[6]:>18}", file=file)
+    print(f"{cols[0]:<38}{cols[1]:>5}{cols[2]:>12}{cols[3]:>10}{cols[4]:>11}{cols[5]:>11}{cols[6]:>18}", file=file)
     for r in rows:
-        print(f"{r.name:<28}{r.bits:>5g}{r.bytes_per_token_head:>12.1f}{r.compression:>9.2f}x"
+        print(f"{r.name:<38}{r.bits:>5g}{r.bytes_per_token_head:>12.1f}{r.compression:>9.2f}x"
               f"{r.k_rel_err:>11.4f}{r.v_rel_err:>11.4f}{r.attn_out_rel_err:>18.4f}", file=file)
 
 

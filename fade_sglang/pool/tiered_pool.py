@@ -97,9 +97,12 @@ class TieredKVPool(MHATokenToKVPool):
     def tier_of(self, slots: torch.Tensor) -> torch.Tensor:
         return self.layout.tier_of(slots)
 
-    def _check_slots(self, slots: torch.Tensor) -> None:
+    def _as_slots(self, slots: torch.Tensor) -> torch.Tensor:
         if slots.dtype not in (torch.int32, torch.int64):
             raise SlotError(f"slot indices must be int32/int64, got {slots.dtype}")
+        return slots.to(device=self.kv_fp16.device, dtype=torch.int64).reshape(-1)
+
+    def _check_slots(self, slots: torch.Tensor) -> None:
         if slots.numel() and bool(((slots < self.layout.page_size) | (slots >= self.layout.end)).any()):
             raise SlotError(f"slot index out of range [{self.layout.page_size}, {self.layout.end})")
 
@@ -113,7 +116,7 @@ class TieredKVPool(MHATokenToKVPool):
         """Free slots of any tiers (SGLang frees radix/request slots without knowing their tier)."""
         if slots.numel() == 0:
             return
-        slots = slots.to(torch.int64)
+        slots = self._as_slots(slots)
         if self.strict:
             self._check_slots(slots)
         tiers = self.tier_of(slots)
@@ -190,7 +193,7 @@ class TieredKVPool(MHATokenToKVPool):
         to = _tier(to_tier)
         if to == Tier.FP16:
             raise SlotError("cannot demote to the fp16 tier (it is the top tier)")
-        slots = slots.to(device=self.kv_fp16.device, dtype=torch.int64).reshape(-1)
+        slots = self._as_slots(slots)
         self._check_slots(slots)
         tiers = self.tier_of(slots)
         if bool((tiers > to).any()):
@@ -233,7 +236,7 @@ class TieredKVPool(MHATokenToKVPool):
     # ------------------------------------------------------------------ reads
     def read_kv(self, layer_id: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather K, V (float32, model space) of ``slots`` for one layer, dequantizing packed tiers."""
-        slots = slots.to(device=self.kv_fp16.device, dtype=torch.int64).reshape(-1)
+        slots = self._as_slots(slots)
         if self.strict and slots.numel() and bool(((slots < 0) | (slots >= self.layout.end)).any()):
             raise SlotError(f"slot index out of range [0, {self.layout.end})")
         return gather_kv(self.layer_view(layer_id), slots)

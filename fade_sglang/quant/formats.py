@@ -48,13 +48,15 @@ class QuantFormat:
         return 8 // self.bits
 
     def check_head_dim(self, head_dim: int) -> None:
-        if head_dim % self.group_size_for(head_dim):
-            raise ValueError(f"head_dim {head_dim} is not a multiple of group_size {self.group_size}")
-        if head_dim % self.codes_per_byte:
+        if head_dim <= 0 or head_dim % self.codes_per_byte:
             raise ValueError(f"head_dim {head_dim} is not a multiple of {self.codes_per_byte} ({self.bits}-bit packing)")
 
     def group_size_for(self, head_dim: int) -> int:
-        return min(self.group_size, head_dim)
+        """The configured group, halved until it divides head_dim (documented fallback: 80 -> 16, 96 -> 32)."""
+        g = min(self.group_size, head_dim)
+        while head_dim % g:
+            g //= 2
+        return g
 
     def packed_dim(self, head_dim: int) -> int:
         return head_dim // self.codes_per_byte

@@ -1,0 +1,68 @@
+"""Which radix-tree tokens may leave the fp16 tier (pure functions over SGLang ``TreeNode``s).
+
+Rules (FadeConfig):
+* attention sinks: the first ``sink_tokens`` positions of every root path stay fp16;
+* shared prefixes: a node stays fp16 whole when ``hit_count >= shared_prefix_min_hits``
+  (0 disables this test) or when it is a prefix of two or more cached leaves
+  (a node with >= 2 children, and every ancestor of such a node);
+* locked nodes (``lock_ref > 0``) are referenced by running rows: never moved here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+__all__ = ["NodeView", "iter_candidates", "movable_positions", "walk_tree"]
+
+
+@dataclass(slots=True)
+class NodeView:
+    node: Any  # sglang TreeNode
+    start: int  # tokens on the root path before this node
+    shared: bool  # covers a shared prefix: whole node stays fp16
+
+    def sink_keep(self, sink_tokens: int) -> int:
+        """Leading positions of this node that are attention sinks."""
+        return min(max(sink_tokens - self.start, 0), len(self.node.value))
+
+
+def _is_hot(node: Any, min_hits: int) -> bool:
+    return min_hits > 0 and node.hit_count >= min_hits
+
+
+def walk_tree(root: Any, min_hits: int) -> list[NodeView]:
+    """Every cached non-root node with its path offset and shared flag (one iterative DFS)."""
+    order: list[tuple[Any, int]] = []
+    stack: list[tuple[Any, int]] = [(c, 0) for c in root.children.values()]
+    while stack:
+        node, start = stack.pop()
+        if node.value is None:  # evicted (host-only) node: holds no device slots
+            continue
+        order.append((node, start))
+        end = start + len(node.value)
+        stack.extend((c, end) for c in node.children.values())
+    # Leaf counts bottom-up: reversed pre-order visits children before parents.
+    leaves: dict[int, int] = {}
+    for node, _ in reversed(order):
+        kids = [leaves.get(id(c), 0) for c in node.children.values() if c.value is not None]
+        leaves[id(node)] = sum(kids) if kids else 1
+    return [NodeView(n, s, leaves[id(n)] >= 2 or _is_hot(n, min_hits)) for n, s in order]
+
+
+def iter_candidates(views: list[NodeView]) -> Iterator[NodeView]:
+    """Nodes whose non-sink tokens may be demoted: unlocked and not shared."""
+    return (v for v in views if v.node.lock_ref == 0 and not v.shared)
+
+
+def movable_positions(view: NodeView, tiers: torch.Tensor, sink_tokens: int,
+                      src_tiers: tuple[int, ...]) -> torch.Tensor:
+    """Positions in ``view.node.value`` past the sinks whose tier is one of ``src_tiers``."""
+    keep = view.sink_keep(sink_tokens)
+    t = tiers[keep:]
+    mask = torch.zeros_like(t, dtype=torch.bool)
+    for src in src_tiers:
+        mask |= t == src
+    return torch.nonzero(mask).reshape(-1) + keep

@@ -1,0 +1,191 @@
+"""Tiered pool core: layout, allocation, demotion, reads vs the original values, accounting, errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fade_sglang.config import FadeConfig
+from fade_sglang.pool import PoolExhaustedError, SlotError, Tier, TierLayout
+from fade_sglang.pool.tiered_pool import TieredKVPool
+from fade_sglang.synthetic import synthetic_kv
+
+LAYERS, HEADS, DIM = 2, 2, 64
+
+
+def make_pool(size: int = 4000, preset: str = "balanced", **overrides) -> TieredKVPool:
+    cfg = FadeConfig.from_preset(preset).with_overrides(overrides) if overrides else FadeConfig.from_preset(preset)
+    return TieredKVPool(size=size, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
+                        layer_num=LAYERS, device="cpu", enable_memory_saver=False, fade_config=cfg)
+
+
+def write_tokens(pool: TieredKVPool, slots: torch.Tensor, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    written = []
+    for layer in range(LAYERS):
+        k, v = synthetic_kv(slots.numel(), HEADS, DIM, seed=seed * 31 + layer)
+        pool.set_kv_buffer(SimpleNamespace(layer_id=layer), slots, k, v)
+        written.append((k, v))
+    return written
+
+
+def rel_err_per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() - b.double()).norm(dim=(-1, -2)) / b.double().norm(dim=(-1, -2))
+
+
+def test_layout_tier_is_a_function_of_the_index() -> None:
+    lay = TierLayout(fp16_slots=10, warm_slots=20, cold_slots=5)
+    slots = torch.tensor([0, 1, 10, 11, 30, 31, 35])
+    assert lay.tier_of(slots).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert (lay.warm_base, lay.cold_base, lay.end, lay.total_slots) == (11, 31, 36, 35)
+
+
+def test_byte_budget_buys_more_tokens_when_more_is_packed() -> None:
+    sizes = {}
+    for preset in ("safe", "balanced", "aggressive"):
+        pool = make_pool(preset=preset)
+        # Same byte budget for every preset: total_bytes = size * effective bytes/token.
+        byte_budget = 4000 * pool.effective_bytes_per_token()
+        held = sum(pool.layout.capacity(t) * pool.tier_bytes[t] for t in Tier)
+        assert held <= byte_budget + max(pool.tier_bytes)
+        sizes[preset] = pool.tier_bytes[Tier.FP16] / pool.effective_bytes_per_token()
+    assert 1 < sizes["safe"] < sizes["balanced"] < sizes["aggressive"]
+
+
+def test_demote_and_read_back_within_tier_tolerance() -> None:
+    pool = make_pool()
+    slots = pool.alloc(96)
+    written = write_tokens(pool, slots)
+    warm = pool.demote(slots[16:80], Tier.WARM)
+    assert (pool.tier_of(warm) == Tier.WARM).all()
+    cold_from_warm = pool.demote(warm[32:], Tier.COLD)
+    cold_from_fp16 = pool.demote(slots[80:], Tier.COLD)
+    current = torch.cat([slots[:16], warm[:32], cold_from_warm, cold_from_fp16])
+    for layer, (k, v) in enumerate(written):
+        rk, rv = pool.read_kv(layer, current)
+        assert torch.equal(rk[:16], k[:16]) and torch.equal(rv[:16], v[:16])  # fp16 tier is exact (fp32 dtype here)
+        assert rel_err_per_token(rk[16:48], k[16:48]).max() < 0.12
+        assert rel_err_per_token(rv[16:48], v[16:48]).max() < 0.15
+        assert rel_err_per_token(rk[48:], k[48:]).max() < 0.45
+        assert rel_err_per_token(rv[48:], v[48:]).max() < 0.5
+        # Error must be real: packed tiers are not silently stored in full precision.
+        assert rel_err_per_token(rk[16:48], k[16:48]).mean() > 1e-3
+    stats = pool.tier_stats()
+    assert stats["tiers"]["fp16"]["used"] == 16 and stats["tiers"]["int4"]["used"] == 32
+    assert stats["tiers"]["int2"]["used"] == 48
+    assert stats["demoted_tokens"] == {"fp16->int4": 64, "fp16->int2": 16, "int4->int2": 32}
+    assert stats["stored_bytes"] == sum(stats["tiers"][n]["used"] * stats["tiers"][n]["bytes_per_token"]
+                                        for n in ("fp16", "int4", "int2"))
+    assert stats["compression_ratio"] > 1.5
+
+
+def test_write_into_packed_slot_quantizes_on_write() -> None:
+    pool = make_pool()
+    slots = pool.alloc(8, Tier.WARM)
+    (k, v), _ = write_tokens(pool, slots)
+    rk, rv = pool.read_kv(0, slots)
+    assert 1e-4 < rel_err_per_token(rk, k).max() < 0.12
+
+
+def test_demote_is_atomic_and_rejects_bad_requests() -> None:
+    pool = make_pool(size=400, tier_budget={"fp16": 0.8, "warm": 0.1, "cold": 0.1})
+    assert pool.available(Tier.WARM) < pool.available(Tier.FP16)
+    free_before = [pool.available(t) for t in Tier]
+    slots = pool.alloc(min(pool.available(Tier.FP16), pool.available(Tier.WARM) + 5))
+    write_tokens(pool, slots)
+    with pytest.raises(PoolExhaustedError, match="tier exhausted"):
+        pool.demote(slots, Tier.WARM)
+    assert pool.available(Tier.WARM) == free_before[Tier.WARM]  # nothing half-done
+    assert pool.available(Tier.FP16) == free_before[Tier.FP16] - slots.numel()
+    with pytest.raises(SlotError, match="cannot demote to the fp16 tier"):
+        pool.demote(slots[:2], Tier.FP16)
+    with pytest.raises(SlotError, match="unknown tier 7"):
+        pool.demote(slots[:2], 7)
+    cold = pool.demote(slots[:2], Tier.COLD)
+    with pytest.raises(SlotError, match="cannot promote"):
+        pool.demote(cold, Tier.WARM)
+    with pytest.raises(SlotError, match="out of range"):
+        pool.demote(torch.tensor([pool.layout.end + 3]), Tier.WARM)
+    with pytest.raises(SlotError, match="int32/int64"):
+        pool.demote(torch.tensor([1.0]), Tier.WARM)
+
+
+def test_disabled_cold_tier_and_bad_writes() -> None:
+    pool = make_pool(preset="safe")
+    slots = pool.alloc(4)
+    write_tokens(pool, slots)
+    with pytest.raises(PoolExhaustedError, match="disabled"):
+        pool.demote(slots, Tier.COLD)
+    layer = SimpleNamespace(layer_id=0)
+    with pytest.raises(ValueError, match="shape"):
+        pool.set_kv_buffer(layer, slots, torch.randn(4, HEADS, DIM + 1), torch.randn(4, HEADS, DIM + 1))
+    with pytest.raises(TypeError, match="floating-point"):
+        pool.set_kv_buffer(layer, slots, torch.ones(4, HEADS, DIM, dtype=torch.int32),
+                           torch.ones(4, HEADS, DIM, dtype=torch.int32))
+    with pytest.raises(SlotError, match="out of range"):
+        pool.set_kv_buffer(layer, torch.tensor([pool.layout.end]), torch.randn(1, HEADS, DIM),
+                           torch.randn(1, HEADS, DIM))
+
+
+def test_double_free_and_exhaustion_are_loud() -> None:
+    pool = make_pool(size=300)
+    n = pool.available(Tier.FP16)
+    slots = pool.alloc(n)
+    assert pool.try_alloc(1) is None
+    with pytest.raises(PoolExhaustedError):
+        pool.alloc(1)
+    pool.free(slots[:3])
+    with pytest.raises(SlotError, match="double free"):
+        pool.free(slots[:1])
+    with pytest.raises(SlotError, match="twice"):
+        pool.free(torch.cat([slots[5:6], slots[5:6]]))
+
+
+def test_storage_bytes_are_exact() -> None:
+    pool = make_pool()
+    fp16_bytes = 2 * LAYERS * HEADS * DIM * 4  # fp32 model dtype in this test
+    warm_bytes = 2 * LAYERS * HEADS * (DIM // 2 + 4 * (DIM // 64))
+    cold_bytes = 2 * LAYERS * HEADS * (DIM // 4 + 4 * (DIM // 32))
+    assert pool.tier_bytes == (fp16_bytes, warm_bytes, cold_bytes)
+    k_bytes, v_bytes = pool.get_kv_size_bytes()
+    packed = sum(s.nbytes for s in pool.stores.values())
+    assert k_bytes + v_bytes == packed + 2 * LAYERS * (pool.layout.fp16_slots + 1) * HEADS * DIM * 4
+
+
+ops = st.lists(st.tuples(st.sampled_from(["alloc", "free", "warm", "cold"]), st.integers(1, 40), st.integers(0, 10**6)),
+               min_size=1, max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops)
+def test_random_sequences_conserve_slots(sequence) -> None:
+    pool = make_pool(size=1500)
+    capacity = [pool.layout.capacity(t) for t in Tier]
+    live: list[int] = []  # slots we own, any tier
+    for op, n, pick in sequence:
+        if op == "alloc":
+            got = pool.try_alloc(n)
+            if got is not None:
+                live += got.tolist()
+        elif live:
+            start = pick % len(live)
+            chosen = live[start:start + n]
+            if op == "free":
+                pool.free(torch.tensor(chosen))
+                del live[start:start + n]
+            else:
+                try:
+                    new = pool.demote(torch.tensor(chosen), Tier.WARM if op == "warm" else Tier.COLD)
+                except (PoolExhaustedError, SlotError):
+                    continue  # full tier, or a promotion request: rejected without changes
+                live[start:start + n] = new.tolist()
+        assert len(set(live)) == len(live)  # every slot owned once
+        tiers = pool.tier_of(torch.tensor(live, dtype=torch.int64)).tolist() if live else []
+        for t in Tier:
+            assert pool.used(t) == tiers.count(int(t))
+            assert pool.used(t) + pool.available(t) == capacity[t]
+    pool.free(torch.tensor(live, dtype=torch.int64))
+    assert [pool.available(t) for t in Tier] == capacity
