@@ -1,5 +1,5 @@
 """Tiered radix cache policy: fp16 shared prefixes / sinks, idle and running demotion, demote-before-evict.
 
-``TieredRadixCache`` and ``TieredTokenAllocator`` import SGLang; import them from
-``.tiered_radix_cache`` / ``.allocator``. ``policy`` is SGLang-free.
+``TieredRadixCache`` imports SGLang; import it from ``.tiered_radix_cache``. ``policy`` is SGLang-free.
+The SGLang-facing allocator it frees through lives with the glue: ``fade_sglang.patches.allocator``.
 """

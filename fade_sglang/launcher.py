@@ -1,0 +1,263 @@
+"""Run real ``sglang.launch_server`` processes and talk to them (used by the demo, benchmarks and tests).
+
+:class:`ServerProcess` launches a server in its own process group, waits until
+it serves, and always stops the whole group (also on errors and Ctrl-C).
+On a CPU-only machine SGLang needs two import stand-ins (a torchvision import
+fake and a pure-torch ``sgl_kernel`` op); they live in the repository's
+``tests/fakes/site`` and are put first on the child's PYTHONPATH when present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["CPU_SHIMS_DIR", "BASE_SERVER_ARGS", "ServerProcess", "ServerStartupError", "free_port",
+           "launch_command", "run_server_expect_failure", "server_env", "tail"]
+
+CPU_SHIMS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fakes" / "site"
+FAKES_SITE_DIR = CPU_SHIMS_DIR
+
+# The CPU baseline every server starts from (see notes/sglang-0.5.23.md).
+BASE_SERVER_ARGS: tuple[str, ...] = (
+    "--device", "cpu",
+    "--dtype", "float32",
+    "--disable-cuda-graph",
+)
+DEFAULT_ATTENTION_BACKEND = "torch_native"  # None: pass no flag (--kv-compression fade picks its own)
+DEFAULT_MAX_TOTAL_TOKENS = 4096
+
+
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a CPU SGLang child: offline hub, CPU engine, fakes first on PYTHONPATH."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        SGLANG_USE_CPU_ENGINE="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
+    shims = [str(FAKES_SITE_DIR)] if FAKES_SITE_DIR.is_dir() else []
+    paths = shims + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if extra:
+        env.update(extra)
+    return env
+
+
+def launch_command(model_path: str | os.PathLike, port: int, extra_args: Sequence[str] = (),
+                   max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+                   attention_backend: str | None = DEFAULT_ATTENTION_BACKEND) -> list[str]:
+    explicit = any(a == "--attention-backend" or a.startswith("--attention-backend=") for a in extra_args)
+    backend = ["--attention-backend", attention_backend] if attention_backend and not explicit else []
+    return [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", str(model_path),
+        *BASE_SERVER_ARGS,
+        *backend,
+        "--max-total-tokens", str(max_total_tokens),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        *extra_args,
+    ]
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop a launcher started with ``start_new_session=True`` and every process in its group.
+
+    SIGTERM goes to the launcher only: it shuts its scheduler/detokenizer down in
+    order (signalling them directly makes the launcher treat it as a crash and
+    sleep before diagnostics). Whatever is left after ``grace_s`` gets SIGKILL.
+    """
+    pgid = proc.pid  # a new session's leader: its pid is the process group id
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # stragglers (spawned children share the group)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def tail(path: str | os.PathLike, lines: int = 60) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "<no log>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class ServerStartupError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """A real ``sglang.launch_server`` child on CPU; use as a context manager.
+
+    >>> with ServerProcess(model_dir, ["--kv-compression", "fade"]) as srv:
+    ...     srv.generate(input_ids=[1, 2, 3], max_new_tokens=8)["output_ids"]
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        extra_args: Sequence[str] = (),
+        *,
+        max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+        attention_backend: str | None = DEFAULT_ATTENTION_BACKEND,
+        startup_timeout_s: float = 240.0,
+        log_path: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.model_path = str(model_path)
+        self.extra_args = list(extra_args)
+        self.max_total_tokens = max_total_tokens
+        self.attention_backend = attention_backend
+        self.startup_timeout_s = startup_timeout_s
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        if log_path is None:  # kept after the run for post-mortems
+            log_dir = Path(os.environ.get("FADE_TEST_LOG_DIR", Path(tempfile.gettempdir()) / "fade-sglang-logs"))
+            log_dir.mkdir(parents=True, exist_ok=True)
+            fd, log_path = tempfile.mkstemp(prefix="sglang-server-", suffix=".log", dir=log_dir)
+            os.close(fd)
+        self.log_path = Path(log_path)
+        self.extra_env = env
+        self.proc: subprocess.Popen | None = None
+
+    # -- lifecycle
+    def start(self) -> "ServerProcess":
+        cmd = launch_command(self.model_path, self.port, self.extra_args, self.max_total_tokens,
+                             self.attention_backend)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=server_env(self.extra_env), start_new_session=True,  # own group: killpg reaches every child
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            rc = self.proc.poll()
+            if rc is not None:
+                raise ServerStartupError(
+                    f"sglang server exited with code {rc} during startup; log tail ({self.log_path}):\n"
+                    + tail(self.log_path))
+            try:
+                with urllib.request.urlopen(self.base_url + "/health_generate", timeout=10) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        raise ServerStartupError(
+            f"sglang server not ready after {self.startup_timeout_s:.0f}s; log tail ({self.log_path}):\n"
+            + tail(self.log_path))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- API
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, route: str, payload: dict[str, Any] | None = None, timeout_s: float = 120.0) -> Any:
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.base_url + route, data=data,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read().decode())
+
+    def generate(
+        self,
+        text: str | None = None,
+        *,
+        input_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        ignore_eos: bool = True,
+        **sampling: Any,
+    ) -> dict[str, Any]:
+        """POST /generate (native API); returns ``{"text", "output_ids", "meta_info"}``."""
+        if (text is None) == (input_ids is None):
+            raise ValueError("pass exactly one of text / input_ids")
+        payload: dict[str, Any] = {
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": temperature,
+                                "ignore_eos": ignore_eos, **sampling},
+        }
+        if text is not None:
+            payload["text"] = text
+        else:
+            payload["input_ids"] = list(input_ids)  # type: ignore[arg-type]
+        return self.request("/generate", payload)
+
+
+def run_server_expect_failure(
+    model_path: str | os.PathLike,
+    extra_args: Sequence[str] = (),
+    *,
+    timeout_s: float = 180.0,
+    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+    attention_backend: str | None = DEFAULT_ATTENTION_BACKEND,
+) -> tuple[int, str, str]:
+    """Launch a server that must fail at startup; return ``(exit_code, stderr, stdout)``.
+
+    Raises AssertionError if the server is still running after ``timeout_s``
+    (it is killed first, process group included).
+    """
+    cmd = launch_command(model_path, free_port(), extra_args, max_total_tokens, attention_backend)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=server_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"server did not fail within {timeout_s:.0f}s; stderr tail:\n" + err.decode(errors="replace")[-4000:])
+    finally:
+        _kill_group(proc)  # also reaps children a crashed launcher may have left behind
+    return proc.returncode, err.decode(errors="replace"), out.decode(errors="replace")

@@ -1,0 +1,542 @@
+"""Mixed-tier flash-decoding (Triton), plus the jit helpers every fade attention kernel shares.
+
+One pass over each request's KV reads every slot in its own tier: fp16 slots
+straight from the pool's model-dtype buffer, warm / cold slots as packed codes
+that are unpacked and dequantized in registers (never written back as fp16).
+
+Tier partition (design choice)
+------------------------------
+``kv_indices`` may mix tiers in any order. Instead of branching per block (a
+block that straddles tiers would have to run every tier's code path under
+masks), :func:`partition_by_tier` reorders each request's slice into
+``[fp16 | warm | cold]`` runs (stable within a tier) and records the run
+boundaries in ``tier_indptr [B, 4]``. Decode attention is order-invariant over
+the keys, and the prefix of an extend is fully visible, so the reorder is
+exact. The kernel then runs one specialized loop per tier with no per-element
+tier test, and only run tails are masked. The partition is a handful of O(N)
+torch ops with no host sync (CUDA-graph capturable); ``kv_indices`` are the
+same for every layer of a forward step, so the backend computes it once per
+step and passes it to every layer.
+
+Split-K
+-------
+The sequence is split across ``num_kv_splits`` programs per (request, KV head)
+by *bytes*, not tokens: an fp16 token costs ``2 * D * elem`` bytes, a packed
+token ``2 * (D * bits / 8 + 4 * D / group)``, so every split reads about the
+same amount of memory. The epilogue merges the splits with their log-sum-exp.
+
+Rotation
+--------
+Packed K decodes to ``(deq + k_center) @ R.T`` and packed V to ``deq @ R.T``.
+Scores of packed slots are ``(q @ R) . deq + (q @ R) . k_center`` (``q @ R`` is
+one tiny matmul per step; the center term is one scalar per query head).
+Packed V contributions accumulate in the rotated space in their own
+accumulator; the epilogue un-rotates that accumulator once (``@ R.T``) and
+adds the fp16 accumulator. Stage 1 keeps two online-softmax states (fp16 keys,
+packed keys) so neither loop rescales the other's accumulator.
+
+GQA: one program owns one KV head and (a tile of up to 64 of) its query heads;
+every K/V tile it loads feeds all of them through ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fade_sglang.pool.view import PackedLayerKV, TieredLayerKV
+
+__all__ = [
+    "DecodeWorkspace",
+    "TierPartition",
+    "default_num_kv_splits",
+    "launch_decode",
+    "launch_merge_unrotate",
+    "partition_by_tier",
+    "supported_head_dim",
+]
+
+LOG2E = 1.4426950408889634
+# Per-head tile of query heads: tl.dot needs M >= 16; more than 64 heads per KV head are tiled.
+_MIN_BLOCK_H = 16
+_MAX_BLOCK_H = 64
+# Tokens per inner iteration. Untuned (no GPU was available), checked only by compiling for
+# sm_90 offline: the fp16 loop matches SGLang's grouped kernel; packed tiles at 32 tokens keep
+# the dequantized fp32 [N, D] K and V tiles in registers (64 started to spill).
+_BLOCK_N_FP = 32
+_BLOCK_N_PACKED = 32
+# Columns of the output handled by one epilogue program: the [D, JB] fp32 slice of R.T it
+# holds stays <= 32 KiB (JB = 32 at head_dim 256).
+_EPILOGUE_COLS = 64
+# Split-K heuristic: aim for a few waves of programs, but never splits under this many tokens.
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_KV_SPLITS = 64
+
+
+def supported_head_dim(head_dim: int) -> bool:
+    """Power-of-two head_dim in [16, 256] (Triton tiles are powers of two; the packed planes must be too)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+# ============================================================================ shared jit helpers
+
+
+@triton.jit
+def load_fp_tile(ptr, rows, valid, head, stride_row, stride_head, D: tl.constexpr):
+    """[N, D] model-dtype rows ``rows`` of one head (masked rows read as 0)."""
+    offs_d = tl.arange(0, D)
+    return tl.load(ptr + rows[:, None] * stride_row + head * stride_head + offs_d[None, :],
+                   mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def load_packed_tile(data_ptr, scale_ptr, zero_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, N: tl.constexpr):
+    """Dequantized float32 [N, D] tile (packed space: rotated, K still centered) of rows ``rows``, one head.
+
+    Planar packing: byte j holds channel j + p * D / P in bits [p * BITS, (p + 1) * BITS),
+    so the P shifted copies of the byte tile, stacked on a new middle axis, are already
+    in channel order (no interleave): they reshape to [N, groups, GROUP] for the
+    per-group scale / zero and then to [N, D]. The int -> float conversion uses the 2**23 magic
+    number (OR into the mantissa, subtract): full-rate integer / FP ops instead of
+    the quarter-rate I2F instruction.
+    """
+    PER_BYTE: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = D // PER_BYTE
+    NG: tl.constexpr = D // GROUP
+    MASK: tl.constexpr = (1 << BITS) - 1
+    raw = tl.load(data_ptr + rows[:, None] * d_srow + head * d_shead + tl.arange(0, DP)[None, :],
+                  mask=valid[:, None], other=0).to(tl.int32)
+    if PER_BYTE > 1:
+        shifts = tl.arange(0, PER_BYTE) * BITS
+        raw = (raw[:, None, :] >> shifts[None, :, None]) & MASK  # [N, P, DP]: channel p * DP + j
+    # Channel order is row-major in both views, so [N, P, DP] -> [N, NG, GROUP] is a pure reshape.
+    codes = tl.reshape(raw, [N, NG, GROUP])
+    codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    s_offs = (rows * s_srow + head * s_shead)[:, None] + tl.arange(0, NG)[None, :]
+    scale = tl.load(scale_ptr + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    return tl.reshape(codes * scale[:, :, None] + zero[:, :, None], [N, D])
+
+
+@triton.jit
+def safe_reciprocal(l):
+    """1 / l, and 0 where l == 0 (a row that saw no keys)."""
+    return tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+
+
+@triton.jit
+def softmax_step(qk, m_i, l_i):
+    """One online-softmax step in base 2: returns (p, rescale of the old state, new max, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def attend_fp_range(q, m_i, l_i, acc, idx_ptr, lo, hi, k_ptr, v_ptr, head, k_srow, k_shead, v_srow, v_shead,
+                    qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of q [M, D] (KV dtype) over the fp16-tier slots idx[lo:hi]."""
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        valid = offs < hi
+        rows = tl.load(idx_ptr + offs, mask=valid, other=0).to(tl.int64)
+        k = load_fp_tile(k_ptr, rows, valid, head, k_srow, k_shead, D)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i)
+        v = load_fp_tile(v_ptr, rows, valid, head, v_srow, v_shead, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def attend_packed_range(q_rot, q_c, m_i, l_i, acc, idx_ptr, lo, hi, base,
+                        kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, head, d_srow, d_shead, s_srow, s_shead,
+                        qk_scale, BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of rotated queries q_rot [M, D] (dot dtype) over packed slots idx[lo:hi] of one tier.
+
+    ``q_c [M]`` is q_rot . k_center (float32). ``acc`` accumulates in the rotated space.
+    """
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        valid = offs < hi
+        rows = tl.load(idx_ptr + offs, mask=valid, other=base).to(tl.int64) - base
+        k = load_packed_tile(kd_ptr, ks_ptr, kz_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
+                             BITS, GROUP, D, BLOCK_N)
+        qk = tl.dot(q_rot, tl.trans(k.to(q_rot.dtype)), input_precision=PREC)
+        qk = (qk + q_c[:, None]) * qk_scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i)
+        v = load_packed_tile(vd_ptr, vs_ptr, vz_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
+                             BITS, GROUP, D, BLOCK_N)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q_rot.dtype), v.to(q_rot.dtype), input_precision=PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def load_rotated_query(qr_ptr, center_ptr, rows_off, valid, kv_head, D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Rotated queries (float32 [M, D] at ``qr_ptr + rows_off``) cast for the dot, and q_rot . k_center."""
+    offs_d = tl.arange(0, D)
+    qr = tl.load(qr_ptr + rows_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    center = tl.load(center_ptr + kv_head * D + offs_d)
+    return qr.to(DOT_DTYPE), tl.sum(qr * center[None, :], 1)
+
+
+@triton.jit
+def store_partial(m_f, l_f, acc_f, m_p, l_p, acc_p, midf_ptr, midr_ptr, lse_ptr, rows_off, lse_off, valid,
+                  D: tl.constexpr, HAS_PACKED: tl.constexpr):
+    """Merge the fp16 and packed softmax states and store both normalized accumulators and the base-2 LSE.
+
+    An empty state (no keys) stores zeros and LSE = -inf, which the epilogue weights by 0.
+    """
+    offs_d = tl.arange(0, D)
+    if HAS_PACKED:
+        m = tl.maximum(m_f, m_p)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        a_f = tl.exp2(m_f - m_safe)
+        a_p = tl.exp2(m_p - m_safe)
+        l = l_f * a_f + l_p * a_p
+    else:
+        m_safe = tl.where(m_f == float("-inf"), 0.0, m_f)
+        a_f = tl.exp2(m_f - m_safe)
+        l = l_f * a_f
+    inv = safe_reciprocal(l)
+    offs = rows_off[:, None] + offs_d[None, :]
+    tl.store(midf_ptr + offs, acc_f * (a_f * inv)[:, None], mask=valid[:, None])
+    if HAS_PACKED:
+        tl.store(midr_ptr + offs, acc_p * (a_p * inv)[:, None], mask=valid[:, None])
+    lse = tl.where(l > 0, m_safe + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+    tl.store(lse_ptr + lse_off, lse, mask=valid)
+
+
+@triton.jit
+def split_spans(lo, hi, n_f, n_w, n_c, cost_f, cost_w, cost_c):
+    """Token ranges [first, last) of each tier's run whose byte cost starts inside [lo, hi).
+
+    The runs are laid end to end in cost space (fp16, then warm, then cold); token i of
+    a run starting at cost S belongs to the split whose [lo, hi) holds S + i * cost.
+    """
+    w_start = n_f * cost_f
+    c_start = w_start + n_w * cost_w
+    a_f = tl.maximum(lo, 0)
+    b_f = tl.minimum(tl.maximum(hi, 0), w_start)
+    a_w = tl.maximum(lo - w_start, 0)
+    b_w = tl.minimum(tl.maximum(hi - w_start, 0), n_w * cost_w)
+    a_c = tl.maximum(lo - c_start, 0)
+    b_c = tl.minimum(tl.maximum(hi - c_start, 0), n_c * cost_c)
+    return (tl.minimum(tl.cdiv(a_f, cost_f), n_f), tl.cdiv(b_f, cost_f),
+            tl.minimum(tl.cdiv(a_w, cost_w), n_w), tl.cdiv(b_w, cost_w),
+            tl.minimum(tl.cdiv(a_c, cost_c), n_c), tl.cdiv(b_c, cost_c))
+
+
+# ============================================================================ decode stage 1
+
+
+@triton.jit
+def _decode_stage1(
+    Q, QR, KF, VF,
+    KWd, KWs, KWz, VWd, VWs, VWz,
+    KCd, KCs, KCz, VCd, VCs, VCz,
+    Center, Idx, TierPtr, MidF, MidR, MidL,
+    stride_qb, stride_qh, stride_qrb, stride_qrh,
+    kf_srow, kf_shead, vf_srow, vf_shead,
+    w_dsrow, w_dshead, w_ssrow, w_sshead,
+    c_dsrow, c_dshead, c_ssrow, c_sshead,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+    warm_base, cold_base, num_splits, cost_fp, cost_warm, cost_cold, qk_scale,
+    GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_NP: tl.constexpr,
+    HAS_WARM: tl.constexpr, WARM_BITS: tl.constexpr, WARM_GROUP: tl.constexpr,
+    HAS_COLD: tl.constexpr, COLD_BITS: tl.constexpr, COLD_GROUP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    HAS_PACKED: tl.constexpr = HAS_WARM or HAS_COLD
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1) // HEAD_TILES
+    split = tl.program_id(2)
+    h_in_group = (tl.program_id(1) % HEAD_TILES) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_valid = h_in_group < GROUP
+    heads = kv_head * GROUP + h_in_group
+
+    # This request's [fp16 | warm | cold] runs, and this split's share of their bytes.
+    t0 = tl.load(TierPtr + b * 4).to(tl.int64)
+    t1 = tl.load(TierPtr + b * 4 + 1).to(tl.int64)
+    t2 = tl.load(TierPtr + b * 4 + 2).to(tl.int64)
+    t3 = tl.load(TierPtr + b * 4 + 3).to(tl.int64)
+    total = (t1 - t0) * cost_fp + (t2 - t1) * cost_warm + (t3 - t2) * cost_cold
+    per_split = tl.cdiv(total, num_splits)
+    lo = per_split * split
+    f_lo, f_hi, w_lo, w_hi, c_lo, c_hi = split_spans(lo, tl.minimum(lo + per_split, total), t1 - t0, t2 - t1,
+                                                     t3 - t2, cost_fp, cost_warm, cost_cold)
+
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_valid[:, None], other=0.0)
+    q = q.to(KF.dtype.element_ty)
+    m_f = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_f = tl.zeros([BLOCK_H], tl.float32)
+    acc_f = tl.zeros([BLOCK_H, D], tl.float32)
+    m_f, l_f, acc_f = attend_fp_range(q, m_f, l_f, acc_f, Idx, t0 + f_lo, t0 + f_hi, KF, VF, kv_head,
+                                      kf_srow, kf_shead, vf_srow, vf_shead, qk_scale, D, BLOCK_N, PREC)
+
+    m_p = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_p = tl.zeros([BLOCK_H], tl.float32)
+    acc_p = tl.zeros([BLOCK_H, D], tl.float32)
+    if HAS_PACKED:
+        q_rot, q_c = load_rotated_query(QR, Center, b * stride_qrb + heads * stride_qrh, h_valid, kv_head, D,
+                                        KF.dtype.element_ty)
+        if HAS_WARM:
+            m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t1 + w_lo, t1 + w_hi,
+                                                  warm_base, KWd, KWs, KWz, VWd, VWs, VWz, kv_head,
+                                                  w_dsrow, w_dshead, w_ssrow, w_sshead, qk_scale,
+                                                  WARM_BITS, WARM_GROUP, D, BLOCK_NP, PREC)
+        if HAS_COLD:
+            m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t2 + c_lo, t2 + c_hi,
+                                                  cold_base, KCd, KCs, KCz, VCd, VCs, VCz, kv_head,
+                                                  c_dsrow, c_dshead, c_ssrow, c_sshead, qk_scale,
+                                                  COLD_BITS, COLD_GROUP, D, BLOCK_NP, PREC)
+
+    store_partial(m_f, l_f, acc_f, m_p, l_p, acc_p, MidF, MidR, MidL,
+                  b * stride_mb + heads * stride_mh + split * stride_ms,
+                  b * stride_lb + heads * stride_lh + split, h_valid, D, HAS_PACKED)
+
+
+# ============================================================================ epilogue (shared with extend)
+
+
+@triton.jit
+def _merge_unrotate(
+    MidF, MidR, MidL, R, Out, num_splits, num_heads,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, JB: tl.constexpr,
+    HAS_PACKED: tl.constexpr, ROTATED: tl.constexpr,
+):
+    """out[:, cols] = merged fp16 part + (merged packed part) @ R.T, over ``num_splits`` LSE-weighted partials."""
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_valid = heads < num_heads
+    cols = tl.program_id(2) * JB + tl.arange(0, JB)
+    offs_d = tl.arange(0, D)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc_f = tl.zeros([BLOCK_H, JB], tl.float32)
+    # The un-rotation mixes every channel into every output column: it needs all D channels.
+    if ROTATED:
+        acc_r = tl.zeros([BLOCK_H, D], tl.float32)
+        r_cols = offs_d
+    else:
+        acc_r = tl.zeros([BLOCK_H, JB], tl.float32)
+        r_cols = cols
+    base = row * stride_mb + heads * stride_mh
+    for s in range(0, num_splits):
+        lse = tl.load(MidL + row * stride_lb + heads * stride_lh + s, mask=h_valid, other=float("-inf"))
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        part = tl.load(MidF + base[:, None] + s * stride_ms + cols[None, :], mask=h_valid[:, None], other=0.0)
+        acc_f = acc_f * alpha[:, None] + part * w[:, None]
+        if HAS_PACKED:
+            part_r = tl.load(MidR + base[:, None] + s * stride_ms + r_cols[None, :], mask=h_valid[:, None],
+                             other=0.0)
+            acc_r = acc_r * alpha[:, None] + part_r * w[:, None]
+        l = l * alpha + w
+        m = m_new
+    out = acc_f
+    if HAS_PACKED:
+        if ROTATED:
+            # rt[d, j] = R[cols[j], d]: the R.T columns of this program's output columns.
+            rt = tl.load(R + cols[None, :] * D + offs_d[:, None])
+            out += tl.dot(acc_r, rt, input_precision="tf32x3")
+        else:
+            out += acc_r
+    out = out * safe_reciprocal(l)[:, None]
+    tl.store(Out + row * stride_ob + heads[:, None] * stride_oh + cols[None, :],
+             out.to(Out.dtype.element_ty), mask=h_valid[:, None])
+
+
+# ============================================================================ host side
+
+
+@dataclass(frozen=True)
+class TierPartition:
+    """``kv_indices`` reordered per request into [fp16 | warm | cold] runs.
+
+    ``indices``: same length and dtype as the input ``kv_indices`` (entries past
+    ``kv_indptr[-1]`` are copied through unchanged). ``tier_indptr [B, 4]`` int32:
+    request ``b``'s fp16 run is ``indices[tier_indptr[b, 0]:tier_indptr[b, 1]]``,
+    warm ``[.., 1]:[.., 2]``, cold ``[.., 2]:[.., 3]``; ``tier_indptr[b, 3] == kv_indptr[b + 1]``.
+    """
+
+    indices: torch.Tensor
+    tier_indptr: torch.Tensor
+
+
+def partition_by_tier(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, warm_base: int, cold_base: int,
+                      out: TierPartition | None = None) -> TierPartition:
+    """Stable per-request partition of ``kv_indices`` by tier; O(N) torch ops, no host sync.
+
+    ``out`` (preallocated ``indices`` / ``tier_indptr``) makes it CUDA-graph friendly.
+    """
+    device = kv_indices.device
+    n = kv_indices.numel()
+    batch = kv_indptr.numel() - 1
+    indptr = kv_indptr.to(device=device, dtype=torch.int64)
+    if out is None:
+        out = TierPartition(torch.empty_like(kv_indices), torch.empty(batch, 4, dtype=torch.int32, device=device))
+    if batch <= 0:
+        out.indices.copy_(kv_indices)
+        return out
+    idx = kv_indices.to(torch.int64)
+    tier = (idx >= warm_base).to(torch.int64) + (idx >= cold_base).to(torch.int64)
+    pos = torch.arange(n, device=device)
+    req = torch.searchsorted(indptr[1:], pos, right=True)  # == batch past the last request
+    valid = (req < batch) & (pos >= indptr[0])
+    onehot = (tier[:, None] == torch.arange(3, device=device)[None, :]).to(torch.int64) * valid[:, None]
+    incl = torch.cumsum(onehot, dim=0)  # [n, 3]: tokens of each tier up to and including pos
+    before = torch.cat((torch.zeros(1, 3, dtype=torch.int64, device=device), incl))[indptr]  # [B + 1, 3]
+    counts = before[1:] - before[:-1]  # [B, 3]
+    starts = indptr[:-1, None] + torch.cumsum(counts, dim=1) - counts  # start of each tier's run
+    req_c = req.clamp(max=batch - 1)
+    rank = incl.gather(1, tier[:, None])[:, 0] - before[req_c].gather(1, tier[:, None])[:, 0] - 1
+    new_pos = torch.where(valid, starts[req_c].gather(1, tier[:, None])[:, 0] + rank, pos)
+    out.indices.index_copy_(0, new_pos, kv_indices)
+    out.tier_indptr.copy_(torch.cat((starts, indptr[1:, None]), dim=1))
+    return out
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Scratch of one decode launch; preallocate (and slice to the batch) for CUDA graphs.
+
+    ``mid_fp / mid_rot``: float32 [B, Hq, S, D] per-split normalized partial outputs
+    (fp16-tier part, packed part in the rotated space); ``mid_lse``: float32 [B, Hq, S]
+    base-2 LSE; ``q_rot``: float32 [B, Hq, D] = q @ R.
+    """
+
+    mid_fp: torch.Tensor
+    mid_rot: torch.Tensor
+    mid_lse: torch.Tensor
+    q_rot: torch.Tensor
+
+    @staticmethod
+    def allocate(batch: int, q_heads: int, head_dim: int, num_kv_splits: int,
+                 device: torch.device | str) -> "DecodeWorkspace":
+        f32 = dict(dtype=torch.float32, device=device)
+        return DecodeWorkspace(torch.empty(batch, q_heads, num_kv_splits, head_dim, **f32),
+                               torch.empty(batch, q_heads, num_kv_splits, head_dim, **f32),
+                               torch.empty(batch, q_heads, num_kv_splits, **f32),
+                               torch.empty(batch, q_heads, head_dim, **f32))
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def default_num_kv_splits(batch: int, kv_heads: int, total_kv_tokens: int, device: torch.device | str) -> int:
+    """Split count from host-known sizes only (no sync): ~4 waves of programs, >= 256 tokens per split."""
+    progs = max(1, batch * kv_heads)
+    waves = triton.cdiv(4 * _multiprocessors(torch.device(device)), progs)
+    by_len = triton.cdiv(max(1, total_kv_tokens // max(1, batch)), _MIN_TOKENS_PER_SPLIT)
+    return int(max(1, min(waves, by_len, _MAX_KV_SPLITS)))
+
+
+def tier_cost(view: TieredLayerKV) -> tuple[int, int, int]:
+    """Bytes read per token per KV head for K+V in each tier (the split-K weights)."""
+    d = view.k_fp16.shape[-1]
+    fp = 2 * d * view.k_fp16.element_size()
+
+    def packed(p: PackedLayerKV | None) -> int:
+        return 1 if p is None else 2 * (d * p.bits // 8 + 4 * (d // p.group_size))
+
+    return fp, packed(view.warm), packed(view.cold)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 KV must not silently drop to TF32 (10-bit mantissa); tf32x3 keeps ~fp32 accuracy on tensor
+    # cores, where "ieee" would fall back to register-heavy FMA loops. 16-bit dtypes ignore this.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def packed_args(p: PackedLayerKV | None, dummy: torch.Tensor) -> tuple:
+    if p is None:
+        return (dummy,) * 6, (0, 0, 0, 0), (False, 2, 16)
+    return ((p.k_data, p.k_scale, p.k_zero, p.v_data, p.v_scale, p.v_zero),
+            (p.k_data.stride(0), p.k_data.stride(1), p.k_scale.stride(0), p.k_scale.stride(1)),
+            (True, p.bits, p.group_size))
+
+
+def rotate_queries(q: torch.Tensor, view: TieredLayerKV, out: torch.Tensor) -> torch.Tensor:
+    """q @ R in float32 into ``out`` (q itself when the pool has no rotation)."""
+    if view.rotation is None:
+        return out.copy_(q)
+    return torch.matmul(q.float(), view.rotation, out=out)
+
+
+def launch_merge_unrotate(mid_fp: torch.Tensor, mid_rot: torch.Tensor, mid_lse: torch.Tensor, view: TieredLayerKV,
+                          out: torch.Tensor, num_splits: int, has_packed: bool) -> None:
+    """Epilogue: merge ``num_splits`` partials of every row, un-rotate the packed part, write ``out [R, Hq, D]``."""
+    rows, heads, d = out.shape
+    if rows == 0:
+        return
+    jb = min(d, _EPILOGUE_COLS if d <= 128 else _EPILOGUE_COLS // 2)
+    rot = view.rotation if view.rotation is not None else mid_lse
+    grid = (rows, triton.cdiv(heads, _MIN_BLOCK_H), d // jb)
+    _merge_unrotate[grid](
+        mid_fp, mid_rot, mid_lse, rot, out, num_splits, heads,
+        mid_fp.stride(0), mid_fp.stride(1), mid_fp.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        D=d, BLOCK_H=_MIN_BLOCK_H, JB=jb, HAS_PACKED=has_packed, ROTATED=view.rotation is not None,
+        num_warps=4,
+    )
+
+
+def head_tiling(group: int) -> tuple[int, int]:
+    """(BLOCK_H, head tiles per KV head) for a GQA group."""
+    block_h = min(max(_MIN_BLOCK_H, triton.next_power_of_2(group)), _MAX_BLOCK_H)
+    return block_h, triton.cdiv(group, block_h)
+
+
+def launch_decode(q: torch.Tensor, view: TieredLayerKV, partition: TierPartition, sm_scale: float,
+                  out: torch.Tensor, num_kv_splits: int, workspace: DecodeWorkspace) -> torch.Tensor:
+    """Unvalidated launcher (see :func:`fade_sglang.kernels.decode_attention`)."""
+    batch, q_heads, d = q.shape
+    kv_heads = view.k_fp16.shape[1]
+    group = q_heads // kv_heads
+    if batch == 0:
+        return out
+    has_packed = view.warm is not None or view.cold is not None
+    ws = workspace
+    if has_packed:
+        rotate_queries(q, view, ws.q_rot[:batch])
+    w_ptrs, w_strides, w_meta = packed_args(view.warm, view.k_fp16)
+    c_ptrs, c_strides, c_meta = packed_args(view.cold, view.k_fp16)
+    cost = tier_cost(view)
+    block_h, head_tiles = head_tiling(group)
+    block_np = _BLOCK_N_PACKED if d <= 128 else _BLOCK_N_PACKED // 2
+    grid = (batch, kv_heads * head_tiles, num_kv_splits)
+    _decode_stage1[grid](
+        q, ws.q_rot, view.k_fp16, view.v_fp16, *w_ptrs, *c_ptrs,
+        view.k_center, partition.indices, partition.tier_indptr, ws.mid_fp, ws.mid_rot, ws.mid_lse,
+        q.stride(0), q.stride(1), ws.q_rot.stride(0), ws.q_rot.stride(1),
+        view.k_fp16.stride(0), view.k_fp16.stride(1), view.v_fp16.stride(0), view.v_fp16.stride(1),
+        *w_strides, *c_strides,
+        ws.mid_fp.stride(0), ws.mid_fp.stride(1), ws.mid_fp.stride(2), ws.mid_lse.stride(0), ws.mid_lse.stride(1),
+        view.warm_base, view.cold_base, num_kv_splits, cost[0], cost[1], cost[2], sm_scale * LOG2E,
+        GROUP=group, HEAD_TILES=head_tiles, BLOCK_H=block_h, D=d, BLOCK_N=_BLOCK_N_FP, BLOCK_NP=block_np,
+        HAS_WARM=w_meta[0], WARM_BITS=w_meta[1], WARM_GROUP=w_meta[2],
+        HAS_COLD=c_meta[0], COLD_BITS=c_meta[1], COLD_GROUP=c_meta[2],
+        PREC=dot_precision(view.k_fp16.dtype),
+        num_warps=4 if block_h <= 32 else 8, num_stages=2,
+    )
+    launch_merge_unrotate(ws.mid_fp, ws.mid_rot, ws.mid_lse, view, out, num_kv_splits, has_packed)
+    return out

@@ -1,0 +1,182 @@
+"""Quantize-on-demote (Triton): float or model-dtype KV rows of all layers -> packed codes + fp16 scale / zero.
+
+One launch covers a batch of tokens for every layer, K and V, and every head.
+Each program quantizes ``BLOCK_R`` (token, head) rows of one (layer, K|V)
+pair; the rows are gathered from ``src`` (``src_rows``, e.g. fp16 pool slots)
+and scattered into the packed store (``dst_rows``).
+
+Optionally fused on the way: the rotation (``x @ R``, one ieee-fp32 tl.dot per
+program, R shared by all the program's rows) and the key centering (``K -=
+k_center[layer, head]``), i.e. exactly the pool's ``_to_packed_space``.
+
+Exactness vs :func:`fade_sglang.quant.quantize` (same float32 input):
+  * no clip search: bit-exact (same min / max, fp16 rounding of scale and zero,
+    correctly rounded division, round-half-to-even, clamp);
+  * fused rotation: the matmul sums in a different order than torch, so inputs
+    differ by float rounding; codes then agree except for values that sit
+    within rounding of a code boundary (off by one code), scale / zero within
+    one fp16 ulp;
+  * clip search (``fmt.clip_search``): the same 8 candidate ranges; per group
+    the candidate with the smallest squared error wins. The error sums run in
+    a different order (and may use FMA), so when two candidates' errors agree
+    to float rounding the kernel may keep the other one: either is a valid
+    choice with the same error up to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fade_sglang.quant import QuantFormat
+from fade_sglang.quant.formats import _CLIP_CANDIDATES
+
+__all__ = ["launch_quantize"]
+
+_BLOCK_R = 32
+
+
+@triton.jit
+def _round_half_even(y):
+    """torch.round semantics (ties to even), exact in float32."""
+    f = tl.floor(y)
+    frac = y - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return f + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.float32)
+
+
+@triton.jit
+def _range_params(lo, hi, LEVELS: tl.constexpr):
+    """fp16 (scale, zero) of a [lo, hi] range, rounded before coding like the torch quantizer."""
+    zero = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16)
+    scale = tl.math.div_rn(hi - zero.to(tl.float32), LEVELS * 1.0)
+    scale = tl.minimum(tl.maximum(scale, 0.0), 65504.0).to(tl.float16)
+    return scale, zero
+
+
+@triton.jit
+def _code(x, scale, zero, LEVELS: tl.constexpr):
+    """Codes (float32) of grouped values x [R, NG, G] under per-group fp16 scale / zero [R, NG]."""
+    safe = tl.maximum(scale.to(tl.float32), 6.103515625e-05)  # fp16 tiny, as the torch quantizer
+    y = tl.math.div_rn(x - zero.to(tl.float32)[:, :, None], tl.broadcast_to(safe[:, :, None], x.shape))
+    return tl.minimum(tl.maximum(_round_half_even(y), 0.0), LEVELS)
+
+
+@triton.jit
+def _sq_error(x, codes, scale, zero):
+    recon = zero.to(tl.float32)[:, :, None] + codes * scale.to(tl.float32)[:, :, None]
+    return tl.sum((recon - x) * (recon - x), 2)
+
+
+@triton.jit
+def _quantize_kernel(
+    Src, SrcRows, DstData, DstScale, DstZero, DstRows, R, Center, n_tokens, heads,
+    s_sl, s_skv, s_srow, s_sh,
+    d_sl, d_skv, d_srow, d_sh,
+    q_sl, q_skv, q_srow, q_sh,
+    c_sl, c_sh,
+    BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_SRC_ROWS: tl.constexpr, ROTATE: tl.constexpr, CENTER: tl.constexpr,
+    CLIP: tl.constexpr, CLIP_RATIOS: tl.constexpr, NUM_CLIP: tl.constexpr,
+):
+    PER_BYTE: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = D // PER_BYTE
+    NG: tl.constexpr = D // GROUP
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    layer = (tl.program_id(1) // 2).to(tl.int64)  # layer * layer_stride can pass 2**31 in a large pool
+    kv = tl.program_id(1) % 2
+    # int32 (row) division: int64 division is a slow called subroutine on NVIDIA GPUs.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tok = r // heads
+    head = r % heads
+    valid = tok < n_tokens
+    if HAS_SRC_ROWS:
+        src_row = tl.load(SrcRows + tok, mask=valid, other=0).to(tl.int64)
+    else:
+        src_row = tok
+    dst_row = tl.load(DstRows + tok, mask=valid, other=0).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    src_ptrs = Src + layer * s_sl + kv * s_skv + src_row[:, None] * s_srow + head[:, None] * s_sh
+    if ROTATE:
+        # x @ R over K-chunks so the R slice in flight stays <= 64 KiB (head_dim 256).
+        KC: tl.constexpr = 64 if D > 64 else D
+        offs_k = tl.arange(0, KC)
+        x = tl.zeros([BLOCK_R, D], tl.float32)
+        for kc in tl.static_range(0, D, KC):
+            xk = tl.load(src_ptrs + kc + offs_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            rk = tl.load(R + (kc + offs_k)[:, None] * D + offs_d[None, :])
+            x += tl.dot(xk, rk, input_precision="tf32x3")
+    else:
+        x = tl.load(src_ptrs + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    if CENTER:
+        # Keys only (kv == 0): the load is masked off for values.
+        x -= tl.load(Center + layer * c_sl + head[:, None] * c_sh + offs_d[None, :],
+                     mask=valid[:, None] & (kv == 0), other=0.0)
+
+    g = tl.reshape(x, [BLOCK_R, NG, GROUP])
+    lo = tl.min(g, 2)
+    hi = tl.max(g, 2)
+    scale, zero = _range_params(lo, hi, LEVELS)
+    codes = _code(g, scale, zero, LEVELS)
+    if CLIP:
+        best = _sq_error(g, codes, scale, zero)
+        mid = (hi + lo) * 0.5
+        half = (hi - lo) * 0.5
+        for i in tl.static_range(1, NUM_CLIP):
+            c_scale, c_zero = _range_params(mid - half * CLIP_RATIOS[i], mid + half * CLIP_RATIOS[i], LEVELS)
+            c_codes = _code(g, c_scale, c_zero, LEVELS)
+            err = _sq_error(g, c_codes, c_scale, c_zero)
+            better = err < best
+            best = tl.where(better, err, best)
+            scale = tl.where(better, c_scale, scale)
+            zero = tl.where(better, c_zero, zero)
+            codes = tl.where(better[:, :, None], c_codes, codes)
+
+    codes = tl.reshape(codes.to(tl.int32), [BLOCK_R, D])
+    if PER_BYTE == 1:
+        packed = codes
+    else:
+        # Planar: byte j = sum_p code[j + p * DP] << (p * BITS).
+        planes = tl.reshape(codes, [BLOCK_R, PER_BYTE, DP])
+        shifts = tl.arange(0, PER_BYTE) * BITS
+        packed = tl.sum(planes << shifts[None, :, None], 1)
+    offs_b = tl.arange(0, DP)
+    tl.store(DstData + layer * d_sl + kv * d_skv + dst_row[:, None] * d_srow + head[:, None] * d_sh + offs_b[None, :],
+             packed.to(tl.uint8), mask=valid[:, None])
+    q_base = layer * q_sl + kv * q_skv + dst_row * q_srow + head * q_sh
+    if NG == 1:
+        tl.store(DstScale + q_base, tl.reshape(scale, [BLOCK_R]), mask=valid)
+        tl.store(DstZero + q_base, tl.reshape(zero, [BLOCK_R]), mask=valid)
+    else:
+        offs_g = tl.arange(0, NG)
+        tl.store(DstScale + q_base[:, None] + offs_g[None, :], scale, mask=valid[:, None])
+        tl.store(DstZero + q_base[:, None] + offs_g[None, :], zero, mask=valid[:, None])
+
+
+def launch_quantize(src: torch.Tensor, src_rows: torch.Tensor | None, dst_data: torch.Tensor,
+                    dst_scale: torch.Tensor, dst_zero: torch.Tensor, dst_rows: torch.Tensor, fmt: QuantFormat,
+                    rotation: torch.Tensor | None, k_center: torch.Tensor | None) -> None:
+    """Unvalidated launcher (see :func:`fade_sglang.kernels.quantize_rows`)."""
+    layers, _, _, heads, d = src.shape
+    n = dst_rows.numel()
+    if n == 0 or layers == 0:
+        return
+    group = fmt.group_size_for(d)
+    dummy = dst_rows
+    grid = (triton.cdiv(n * heads, _BLOCK_R), layers * 2)
+    _quantize_kernel[grid](
+        src, src_rows if src_rows is not None else dummy, dst_data, dst_scale, dst_zero, dst_rows,
+        rotation if rotation is not None else src, k_center if k_center is not None else src, n, heads,
+        src.stride(0), src.stride(1), src.stride(2), src.stride(3),
+        dst_data.stride(0), dst_data.stride(1), dst_data.stride(2), dst_data.stride(3),
+        dst_scale.stride(0), dst_scale.stride(1), dst_scale.stride(2), dst_scale.stride(3),
+        k_center.stride(0) if k_center is not None else 0, k_center.stride(1) if k_center is not None else 0,
+        BITS=fmt.bits, GROUP=group, D=d, BLOCK_R=_BLOCK_R if d <= 128 else _BLOCK_R // 2,
+        HAS_SRC_ROWS=src_rows is not None, ROTATE=rotation is not None, CENTER=k_center is not None,
+        CLIP=fmt.clip_search, CLIP_RATIOS=tuple(float(c) for c in _CLIP_CANDIDATES),
+        NUM_CLIP=len(_CLIP_CANDIDATES),
+        num_warps=8,
+        # No FMA contraction: the clip-search errors then round like torch's separate mul / add.
+        enable_fp_fusion=False,
+    )

@@ -1,0 +1,150 @@
+"""Scheduler glue: demotion between steps, fp16-aware prefill limits, the tiered radix cache.
+
+Hook points:
+
+* ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AFTER): attaches the fade
+  state, clamps the prefill chunk to what the fp16 tier can hold, starts stats.
+* ``sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run`` (AROUND):
+  called once per event-loop iteration, after the previous batch's results were
+  processed and before the next batch is formed. Fade forces
+  ``--disable-overlap-schedule``, so no forward is reading the KV here and
+  rewriting slots (demotion) is safe. Runs ``demote_running`` over the requests
+  that will keep decoding, then ``demote_idle``.
+* ``sglang.srt.mem_cache.registry`` radix backend ``"fade"``, selected
+  automatically under ``--kv-compression fade`` (the default tree in 0.5.23 is
+  the Rust-core UnifiedRadixCache, which the tiered cache does not extend).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger("fade_sglang")
+
+RADIX_BACKEND_NAME = "fade"
+_SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+# demote_idle walks the tree; a few passes a second are plenty for second-scale idle thresholds.
+_IDLE_DEMOTE_PERIOD_S = 0.25
+# Fraction of the fp16 tier one prefill chunk may take (the rest holds decode windows).
+_CHUNK_FP16_SHARE = 0.5
+
+
+class FadeSchedulerState:
+    def __init__(self, cfg: Any, reporter: Any):
+        self.cfg = cfg
+        self.reporter = reporter
+        self.last_idle_demote = 0.0
+        self.demotion_passes = 0
+        self.demotion_errors = 0
+
+
+# ----------------------------------------------------------------------------- radix cache
+
+
+def tiered_radix_cache_class() -> type:
+    """The tiered radix cache once the radix package exists, else SGLang's Python RadixCache."""
+    try:
+        from fade_sglang.radix.tiered_radix_cache import TieredRadixCache
+    except ImportError:
+        from sglang.srt.mem_cache.radix_cache import RadixCache
+
+        logger.warning("[fade] fade_sglang.radix not available: using the plain RadixCache (no demotion)")
+        return RadixCache
+    return TieredRadixCache
+
+
+def fade_radix_factory(ctx: Any) -> Any:
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.enable_hierarchical_cache:
+        raise ValueError("--kv-compression fade: the tiered radix cache supports plain MHA/GQA models only")
+    return tiered_radix_cache_class()(ctx.params)
+
+
+def register_radix_backend() -> None:
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+
+    if get_radix_cache_factory(RADIX_BACKEND_NAME) is None:
+        register_radix_cache_backend(RADIX_BACKEND_NAME, fade_radix_factory)
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+def _fp16_chunk_limit(scheduler: Any) -> int:
+    pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+    return max(1, int(pool.layout.fp16_slots * _CHUNK_FP16_SHARE))
+
+
+def scheduler_init_hook(result: Any, scheduler: Any, server_args: Any, *args: Any, **kwargs: Any) -> None:
+    from .cli import fade_config_from_server_args
+    from .stats import StatsReporter
+
+    cfg = fade_config_from_server_args(server_args)
+    if cfg is None:
+        return None
+    limit = _fp16_chunk_limit(scheduler)
+    # A prefill chunk must land in fp16 at once; bigger chunks would fail allocation.
+    if scheduler.chunked_prefill_size is None or scheduler.chunked_prefill_size > limit:
+        logger.info("[fade] chunked prefill size %s -> %d (half of the fp16 tier)", scheduler.chunked_prefill_size,
+                    limit)
+        scheduler.chunked_prefill_size = limit
+    scheduler.max_prefill_tokens = min(scheduler.max_prefill_tokens, limit)
+    from sglang.srt.runtime_context import get_observability
+
+    reporter = StatsReporter(cfg.stats_interval_seconds, bool(get_observability().enable_metrics))
+    scheduler._fade_state = FadeSchedulerState(cfg, reporter)
+    return None
+
+
+def _holds_row(req: Any) -> bool:
+    kv = getattr(req, "kv", None)  # 0.5.23 keeps the req_to_token row on req.kv
+    return kv is not None and kv.req_pool_idx is not None
+
+
+def _reqs_to_demote(running_batch: Any, last_batch: Any) -> list[Any]:
+    """Requests whose KV rows stay live into the next step (decoding now, or just prefilled)."""
+    reqs: list[Any] = []
+    seen: set[int] = set()
+    for batch in (running_batch, last_batch):
+        if batch is None:
+            continue
+        for req in batch.reqs:
+            if id(req) not in seen and not req.finished() and _holds_row(req):
+                seen.add(id(req))
+                reqs.append(req)
+    return reqs
+
+
+def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
+    state: FadeSchedulerState = scheduler._fade_state
+    tree = scheduler.tree_cache
+    now = time.monotonic()
+    try:
+        if state.cfg.demote_running and hasattr(tree, "demote_running"):
+            reqs = _reqs_to_demote(running_batch, last_batch)
+            if reqs:
+                tree.demote_running(reqs, scheduler.req_to_token_pool)
+                state.demotion_passes += 1
+        if hasattr(tree, "demote_idle") and now - state.last_idle_demote >= _IDLE_DEMOTE_PERIOD_S:
+            state.last_idle_demote = now
+            tree.demote_idle(now)
+    except Exception:  # a failed demotion must not take the server down; the tokens simply stay put
+        state.demotion_errors += 1
+        if state.demotion_errors <= 5:
+            logger.exception("[fade] demotion pass failed (tokens stay in their tier)")
+    state.reporter.tick(scheduler, now)
+
+
+def next_batch_hook(original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    if getattr(scheduler, "_fade_state", None) is not None:
+        running = kwargs.get("running_batch", args[0] if args else None)
+        last = kwargs.get("last_batch", args[1] if len(args) > 1 else None)
+        between_steps(scheduler, running, last)
+    return original(scheduler, *args, **kwargs)
+
+
+def register_scheduler_hooks(register: Callable[[str, Callable[..., Any], Any], None], after: Any,
+                             around: Any) -> None:
+    register(f"{_SCHEDULER}.__init__", scheduler_init_hook, after)
+    register(f"{_SCHEDULER}.get_next_batch_to_run", next_batch_hook, around)

@@ -1,0 +1,282 @@
+"""Triton kernels (run under TRITON_INTERPRET=1 on CPU: fp16 / fp32 only, the interpreter breaks bf16).
+
+Oracles (float64): dense attention over the original K/V for fp16-only slots, and
+over ``gather_kv`` values (the dequantized math) when packed slots are involved.
+Tolerances, as max |err| / max |oracle| over the whole output:
+  * fp32 KV: < 2e-4 (fp16-only and packed slots alike: the kernel matches the dequantized math);
+  * fp16 KV: < 1e-2 (fp16 dot operands, as SGLang's decode kernel).
+Quantize: bit-exact vs fade_sglang.quant.quantize without clip search; with the fused
+rotation (different summation order) codes may move by one at boundaries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton (see _kernels)
+
+import pytest
+import torch
+
+from fade_sglang.config import FadeConfig
+from fade_sglang.pool.layout import Tier
+from fade_sglang.pool.tiered_pool import TieredKVPool
+from fade_sglang.pool.view import TieredLayerKV
+from fade_sglang.quant import QuantFormat, dequantize, quantize, unpack_codes
+from fade_sglang.synthetic import synthetic_kv
+from test_attention_reference import (
+    _Layer,
+    _extend_inputs,
+    build_case,
+    dense_decode,
+    dense_extend,
+    rel_err,
+    request_queries,
+)
+
+pytestmark = pytest.mark.triton
+
+
+def _kernels():
+    """fade_sglang.kernels bound to the Triton interpreter.
+
+    The interpreter needs TRITON_INTERPRET=1 before *triton* is first imported (triton.language's
+    own jit helpers, tl.max / tl.sum / tl.cdiv, are bound then). A test module imported earlier may
+    already have pulled triton in through sglang: then skip with the fix instead of failing.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.standard.max, InterpretedFunction):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: export it, or set it at the top of "
+                    "tests/conftest.py", allow_module_level=True)
+    import fade_sglang.kernels as kernels
+
+    if not isinstance(kernels.decode._decode_stage1, InterpretedFunction):
+        for name in ("decode", "extend", "quantize"):
+            importlib.reload(importlib.import_module(f"fade_sglang.kernels.{name}"))
+        kernels = importlib.reload(kernels)
+    return kernels
+
+
+K = _kernels()
+TOL = {torch.float32: 2e-4, torch.float16: 1e-2}
+
+
+def _check_partition(part, indptr, indices, warm_base, cold_base):
+    tiers = (indices >= warm_base).long() + (indices >= cold_base).long()
+    for b in range(indptr.numel() - 1):
+        s, e = int(indptr[b]), int(indptr[b + 1])
+        mine = indices[s:e]
+        order = torch.sort(tiers[s:e], stable=True).indices
+        assert torch.equal(part.indices[s:e], mine[order])  # stable within a tier
+        counts = torch.bincount(tiers[s:e], minlength=3).tolist()
+        assert part.tier_indptr[b].tolist() == [s, s + counts[0], s + counts[0] + counts[1], e]
+
+
+def test_partition_by_tier_stable_with_padding_and_empty_requests():
+    gen = torch.Generator().manual_seed(0)
+    warm_base, cold_base = 50, 80
+    lens = [0, 7, 1, 30, 0, 12]
+    indptr = torch.tensor([0] + lens).cumsum(0)
+    n = int(indptr[-1])
+    indices = torch.randint(1, 120, (n + 9,), generator=gen, dtype=torch.int32)  # 9 padding entries (CUDA graphs)
+    view_like = TieredLayerKV(torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), None, None, warm_base, cold_base,
+                              None, torch.zeros(1, 16))
+    part = K.partition_by_tier(indptr, indices, view_like)
+    assert part.indices.dtype == torch.int32 and part.tier_indptr.dtype == torch.int32
+    _check_partition(part, indptr, indices[:n], warm_base, cold_base)
+    assert torch.equal(part.indices[n:], indices[n:])
+    again = K.partition_by_tier(indptr, indices, view_like, out=part)  # in place (preallocated buffers)
+    assert again is part
+    empty = K.partition_by_tier(torch.zeros(1, dtype=torch.int64), indices[:0].long(), view_like)
+    assert empty.tier_indptr.shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype,group,head_dim", [(torch.float32, 4, 64), (torch.float16, 8, 128)])
+def test_decode_fp16_only_matches_dense_attention_of_original_kv(dtype, group, head_dim):
+    case = build_case([1, 37, 0, 20], head_dim=head_dim, dtype=dtype, budget="fp16_only", seed=1)
+    q = request_queries(case, group).to(dtype)
+    scale = head_dim ** -0.5
+    out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, scale, num_kv_splits=2)
+    assert out.dtype == dtype
+    oracle = dense_decode(q.double(), case, scale, dequantized=False)
+    assert rel_err(out, oracle) < TOL[dtype]
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # empty request -> zeros
+
+
+@pytest.mark.parametrize("head_dim,group,dtype,splits", [
+    (64, 1, torch.float32, 1),
+    (64, 4, torch.float16, 3),
+    (128, 8, torch.float16, 2),
+    (128, 4, torch.float32, 2),
+])
+def test_decode_mixed_tiers_shuffled(head_dim, group, dtype, splits):
+    case = build_case([1, 45, 0, 70], head_dim=head_dim, dtype=dtype, seed=head_dim + group)
+    tiers = case.pool.tier_of(case.kv_indices)
+    assert {0, 1, 2} <= set(tiers[1:46].tolist())  # one request really mixes all tiers
+    q = request_queries(case, group).to(dtype)
+    scale = head_dim ** -0.5
+    out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, scale, num_kv_splits=splits)
+    assert rel_err(out, dense_decode(q.double(), case, scale, dequantized=True)) < TOL[dtype]
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.parametrize("budget", ["no_cold", "no_warm"])
+def test_decode_with_an_empty_tier(budget):
+    case = build_case([33, 9], dtype=torch.float16, budget=budget, seed=4)
+    assert (case.view.cold is None) == (budget == "no_cold") and (case.view.warm is None) == (budget == "no_warm")
+    q = request_queries(case, 4).half()
+    out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, 0.125, num_kv_splits=2)
+    assert rel_err(out, dense_decode(q.double(), case, 0.125, dequantized=True)) < TOL[torch.float16]
+
+
+def test_decode_without_rotation_and_with_wide_gqa_group():
+    # rotation off (no un-rotation in the epilogue); 80 query heads per KV head: non-power-of-two
+    # group, more than one head tile per KV head; fp32 q against the same-dtype pool.
+    case = build_case([5, 33], kv_heads=1, seed=6, rotation=False)
+    assert case.view.rotation is None
+    q = request_queries(case, 80)
+    out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, 0.125, num_kv_splits=2)
+    assert rel_err(out, dense_decode(q.double(), case, 0.125, dequantized=True)) < TOL[torch.float32]
+
+
+def test_decode_preallocated_buffers_padded_int32_indices():
+    """CUDA-graph style: precomputed partition, oversized workspace, out= buffer, padded int32 indices."""
+    case = build_case([20, 3, 41], dtype=torch.float16, seed=8)
+    q = request_queries(case, 4).half()
+    n = case.kv_indices.numel()
+    padded = torch.cat((case.kv_indices, torch.full((13,), 5))).to(torch.int32)
+    indptr = case.kv_indptr.to(torch.int32)
+    part = K.partition_by_tier(indptr, padded, case.view)
+    ws = K.DecodeWorkspace.allocate(8, q.shape[1], 64, 4, "cpu")
+    out = torch.full_like(q, float("nan"))
+    res = K.decode_attention(q, case.view, indptr, padded, 0.125, out, partition=part, num_kv_splits=3,
+                             workspace=ws)
+    assert res is out
+    assert rel_err(out, dense_decode(q.double(), case, 0.125, dequantized=True)) < TOL[torch.float16]
+    assert torch.equal(part.indices[n:], padded[n:])
+
+
+@pytest.mark.parametrize("head_dim,group,dtype", [(64, 4, torch.float16), (128, 8, torch.float32)])
+def test_extend_over_mixed_prefix(head_dim, group, dtype):
+    case = build_case([40, 0, 9], head_dim=head_dim, dtype=dtype, seed=21)
+    q, kn, vn, qo = _extend_inputs(case, [3, 4, 17], group)  # 17 new tokens span two query blocks
+    q, kn, vn = q.to(dtype), kn.to(dtype), vn.to(dtype)
+    out = K.extend_attention(q, kn, vn, case.view, qo, case.kv_indptr, case.kv_indices, 0.1)
+    assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.1, dequantized=True)) < TOL[dtype]
+
+
+def test_extend_fp16_prefix_direct_path():
+    case = build_case([0, 17, 6], budget="fp16_only", seed=23)
+    q, kn, vn, qo = _extend_inputs(case, [70, 1, 5], 1)  # MHA: 64 tokens per block, 70 spans two
+    out = K.extend_attention(q, kn, vn, case.view, qo, case.kv_indptr, case.kv_indices, 0.125, max_extend_len=70)
+    assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.125, dequantized=False)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits,group,head_dim,src_dtype", [
+    (4, 64, 64, torch.float32), (2, 32, 128, torch.float32), (8, 64, 128, torch.float16), (2, 16, 64, torch.float16),
+])
+def test_quantize_bit_exact_vs_torch(bits, group, head_dim, src_dtype):
+    k, v = synthetic_kv(29, 3, head_dim, seed=bits)
+    fmt = QuantFormat(bits, group)
+    for x in (k.to(src_dtype), v.to(src_dtype)):
+        got, want = K.quantize(x, fmt), quantize(x, fmt)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_quantize_rows_fused_rotation_matches_pool_demotion():
+    """All layers in one launch from fp16 pool slots, rotation + key centering fused, vs the pool's torch path."""
+    cfg = FadeConfig(clip_search=False, tier_budget={"fp16": 0.5, "warm": 0.3, "cold": 0.2})
+    pool = TieredKVPool(2000, 1, torch.float16, 2, 64, 3, "cpu", False, fade_config=cfg)
+    n = 40
+    slots = pool.alloc(n)
+    for layer in range(3):
+        k, v = synthetic_kv(n, 2, 64, seed=layer)
+        _Layer.layer_id = layer
+        pool.set_kv_buffer(_Layer, slots, k.half(), v.half())
+    _Layer.layer_id = 0
+    new = pool.demote(slots, Tier.WARM)  # torch path; freezes the key centers (freed fp16 rows keep their data)
+    store = pool.stores[Tier.WARM]
+    rows = new - pool.layout.warm_base
+    data, scale, zero = (torch.zeros_like(t) for t in (store.data, store.scale, store.zero))
+    K.quantize_rows(pool.kv_fp16, data, scale, zero, rows, store.fmt, src_rows=slots,
+                    rotation=pool.rotation, k_center=pool.k_center)
+    codes_k = unpack_codes(data[:, :, rows], 4).int()
+    codes_t = unpack_codes(store.data[:, :, rows], 4).int()
+    diff = (codes_k - codes_t).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+    for a, b in ((scale, store.scale), (zero, store.zero)):
+        a, b = a[:, :, rows].float(), b[:, :, rows].float()
+        assert torch.allclose(a, b, rtol=2e-3, atol=1e-4)  # within ~1 fp16 ulp
+    deq = dequantize(type(quantize(torch.zeros(1, 64), store.fmt))(data[:, :, rows], scale[:, :, rows],
+                                                                     zero[:, :, rows]), store.fmt)
+    assert rel_err(deq, store.read(rows)) < 0.1  # a code step at most, on a few values
+
+
+def test_quantize_clip_search_matches_torch_choice():
+    k, _ = synthetic_kv(64, 2, 64, seed=3)
+    fmt = QuantFormat(2, 32, clip_search=True)
+    got, want = K.quantize(k, fmt), quantize(k, fmt)
+    same = (got.scale == want.scale) & (got.zero == want.zero)
+    assert float(same.float().mean()) > 0.98  # a group may differ only when two candidates tie to rounding
+    err_k = (dequantize(got, fmt) - k).square().sum()
+    err_t = (dequantize(want, fmt) - k).square().sum()
+    assert float(err_k) <= float(err_t) * 1.001
+
+
+def test_input_validation_errors(monkeypatch):
+    case = build_case([6], seed=2)
+    view = case.view
+    q = request_queries(case, 2)
+    args = (case.kv_indptr, case.kv_indices, 0.1)
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        K.decode_attention(q[0], view, *args)
+    with pytest.raises(ValueError, match="dtype"):
+        K.decode_attention(q.to(torch.int32), view, *args)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        K.decode_attention(q[:, :3], view, *args)
+    with pytest.raises(ValueError, match="expected cpu"):
+        K.decode_attention(q.to("meta"), view, *args)
+    with pytest.raises(ValueError, match="B \\+ 1"):
+        K.decode_attention(q, view, torch.tensor([0, 3, 6]), case.kv_indices, 0.1)
+    with pytest.raises(ValueError, match="kv_indices has dtype"):
+        K.decode_attention(q, view, case.kv_indptr, case.kv_indices.float(), 0.1)
+    with pytest.raises(ValueError, match="out has shape"):
+        K.decode_attention(q, view, *args, out=q[:, :2])
+    with pytest.raises(ValueError, match="workspace"):
+        K.decode_attention(q, view, *args, num_kv_splits=4, workspace=K.DecodeWorkspace.allocate(1, 4, 64, 2, "cpu"))
+    with pytest.raises(ValueError, match="partition"):
+        other = K.partition_by_tier(torch.tensor([0, 3]), case.kv_indices[:3], view)
+        K.decode_attention(q, view, *args, partition=other)
+    odd = TieredLayerKV(torch.zeros(4, 2, 80), torch.zeros(4, 2, 80), None, None, 4, 4, None, torch.zeros(2, 80))
+    with pytest.raises(ValueError, match="head_dim 80"):
+        K.decode_attention(torch.zeros(1, 2, 80), odd, torch.tensor([0, 1]), torch.tensor([1]), 0.1)
+    with pytest.raises(ValueError, match="k_new"):
+        K.extend_attention(q, q[:, :2, :32], q[:, :2], view, torch.tensor([0, 1]), case.kv_indptr,
+                           case.kv_indices, 0.1)
+    fmt = QuantFormat(4, 64)
+    with pytest.raises(ValueError, match="dst_data"):
+        K.quantize_rows(torch.zeros(1, 2, 3, 2, 64), torch.zeros(1, 2, 3, 2, 64, dtype=torch.uint8),
+                        torch.zeros(1, 2, 3, 2, 1, dtype=torch.float16), torch.zeros(1, 2, 3, 2, 1, dtype=torch.float16),
+                        torch.arange(3), fmt)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        K.decode_attention(q, view, *args)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # SGLang's kernel computes NaN in padded head rows
+def test_benchmark_smoke_mode(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("fade_bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--smoke"])
+    impls = {r.impl for r in rows if r.time_ms is not None}
+    assert {"fade-int4", "fade-int2", "fade-mix", "fade-fp16"} <= impls
+    assert "fade-mix" in capsys.readouterr().out

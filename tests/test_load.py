@@ -1,0 +1,154 @@
+"""Bounded load test of one fade server (127.0.0.1): 64 concurrent multi-turn sessions plus aborted requests.
+
+Checks: no crash, no failed request except the aborted ones, tier counts consistent
+while busy (tier used counts sum to ``tokens``), and no slot leak (after
+``/flush_cache`` every tier's free count is back to its initial value). The
+server runs with ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1``, so SGLang
+also checks its token accounting after every scheduler step.
+
+Small windows and sub-second idle thresholds make demotion run during the load.
+Tokens are kept small: the whole test takes ~2-3 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from fade_sglang.workloads import (AgentTraceSpec, build_agent_trace, load_tokenizer, run_agent_trace,
+                                   stream_generate)
+from sglang_server import ServerProcess
+
+pytestmark = pytest.mark.server
+
+SESSIONS = 64
+SPEC = AgentTraceSpec(sessions=SESSIONS, turns=3, system_tokens=32, user_tokens=8, tool_tokens=24,
+                      output_tokens=8, seed=7)
+FADE_ARGS = [
+    "--kv-compression", "fade", "--attention-backend", "fade_torch",
+    "--fade-sink-tokens", "4", "--fade-recent-window", "16", "--fade-set", "demote_chunk=16",
+    "--fade-set", "warm_idle_seconds=0.5", "--fade-set", "cold_idle_seconds=2",
+]
+MAX_TOTAL_TOKENS = 131072  # ~37 MiB of tiers; the fp16 tier (~3.7K slots) holds every in-flight window
+STRICT_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
+STREAM_ABORTS = 16  # streaming requests closed by the client after a few chunks
+API_ABORTS = 8  # requests cancelled with POST /abort_request
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(tiny_model_dir, FADE_ARGS, max_total_tokens=MAX_TOTAL_TOKENS, env=STRICT_ENV,
+                       startup_timeout_s=300) as srv:
+        yield srv
+    print(f"\nserver log: {srv.log_path}")
+
+
+def _stats(srv: ServerProcess) -> dict[str, Any]:
+    (stats,) = srv.request("/fade/stats")["schedulers"]
+    return stats
+
+
+def _flush(srv: ServerProcess) -> None:
+    with urllib.request.urlopen(srv.base_url + "/flush_cache", data=b"", timeout=60) as resp:
+        assert resp.status == 200
+
+
+def _check_consistent(stats: dict[str, Any]) -> None:
+    tiers = stats["tiers"]
+    assert sum(t["used"] for t in tiers.values()) == stats["tokens"]
+    for name, t in tiers.items():
+        assert t["used"] + t["free"] == t["capacity"], name
+
+
+def _api_abort(srv: ServerProcess, ids: list[int], results: list[dict[str, Any]]) -> None:
+    """A long request with a known rid, cancelled through SGLang's /abort_request while it runs."""
+    rid = uuid.uuid4().hex
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        out.update(stream_generate(srv.base_url, ids, 512, extra={"rid": rid}).__dict__)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    time.sleep(1.0)
+    srv.request("/abort_request", {"rid": rid})
+    th.join(timeout=120)
+    assert not th.is_alive(), "an aborted request never returned"
+    results.append(out)
+
+
+def test_many_sessions_with_aborts_no_leak(server: ServerProcess, tiny_model_dir: Path) -> None:
+    _flush(server)
+    initial = _stats(server)
+    _check_consistent(initial)
+    assert initial["tokens"] == 0
+    trace = build_agent_trace(SPEC, load_tokenizer(tiny_model_dir))
+    long_prompt = trace.system_ids + trace.turns[0][0]
+
+    busy_stats: list[dict[str, Any]] = []
+    stream_aborts: list[Any] = []
+    api_aborts: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def sample() -> None:  # stats while the server is busy
+        while not done.wait(1.0):
+            busy_stats.append(_stats(server))
+
+    def stream_aborter() -> None:  # client disconnects mid-generation
+        for i in range(STREAM_ABORTS):
+            stream_aborts.append(stream_generate(server.base_url, long_prompt + [5 + i], 256,
+                                                 abort_after_chunks=2 + i % 3))
+
+    def api_aborter() -> None:
+        for i in range(API_ABORTS):
+            _api_abort(server, long_prompt + [50 + i], api_aborts)
+
+    helpers = [threading.Thread(target=f, daemon=True) for f in (sample, stream_aborter, api_aborter)]
+    t0 = time.monotonic()
+    for th in helpers:
+        th.start()
+    run = run_agent_trace(server.base_url, trace, concurrency=SESSIONS, timeout_s=240)
+    for th in helpers[1:]:
+        th.join(timeout=300)
+    done.set()
+    helpers[0].join(timeout=30)
+    print(f"\nload: {len(run.records)} requests in {time.monotonic() - t0:.1f}s; {run.summary()}")
+
+    failures = [(r.session, r.turn, r.error) for r in run.records if r.error]
+    assert not failures, failures[:5]
+    assert len(run.records) == SESSIONS * SPEC.turns
+    assert all(r.cached_tokens >= SPEC.system_tokens - 1 for r in run.records if r.turn > 0)
+    assert len(stream_aborts) == STREAM_ABORTS and all(r.aborted and r.error is None for r in stream_aborts)
+    assert len(api_aborts) == API_ABORTS
+    for res in api_aborts:  # ended by the abort: fewer tokens than asked, an "abort" finish reason
+        assert res["error"] is None, res["error"]
+        assert len(res["output_ids"]) < 512 and res["meta_info"]["finish_reason"]["type"] == "abort"
+
+    assert busy_stats, "no stats sampled while busy"
+    for stats in busy_stats:
+        _check_consistent(stats)
+    assert any(s["tokens"] > 0 for s in busy_stats)
+
+    time.sleep(3)  # > cold_idle_seconds: idle demotion runs on the finished tree
+    server.generate(input_ids=[5, 6, 7], max_new_tokens=1)  # one more scheduler step
+    after_load = _stats(server)
+    _check_consistent(after_load)
+    assert sum(after_load["demoted_tokens"].values()) > 0
+    assert after_load["demotion_errors"] == 0
+
+    _flush(server)
+    final = _stats(server)
+    _check_consistent(final)
+    for name, tier in final["tiers"].items():
+        assert tier["used"] == 0 and tier["free"] == initial["tiers"][name]["free"], (name, tier)
+    log = server.log_text()
+    for bad in ("Traceback", "Mem Leak", "memory leak", "token_to_kv_pool_allocator memory leak"):
+        assert bad not in log, bad
+    # The server still serves after the load.
+    assert len(server.generate(input_ids=long_prompt, max_new_tokens=4)["output_ids"]) == 4

@@ -1,0 +1,187 @@
+"""Focused tests of each TieredRadixCache policy rule (the harness lives in test_radix_property)."""
+
+from __future__ import annotations
+
+import time
+from array import array
+
+import pytest
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from fade_sglang.pool import Tier
+from fade_sglang.radix.tiered_radix_cache import TieredRadixCache
+from test_radix_property import Sim, small_config
+
+LATER = 1e6  # seconds: far past every idle threshold
+
+
+def insert(sim: Sim, tokens: list[int]) -> torch.Tensor:
+    """Cache ``tokens`` as a finished request would (fresh fp16 slots for the uncached part)."""
+    req = sim.start(tokens)
+    assert req is not None
+    sim.release(req, cache_it=True)
+    return sim.cache.path_device_indices(sim.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)))).last_device_node)
+
+
+def tiers_of(sim: Sim, tokens: list[int]) -> list[int]:
+    res = sim.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+    return sim.pool.tier_of(sim.cache.path_device_indices(res.last_device_node)).tolist()
+
+
+def test_construction_finds_pool_through_allocator_and_rejects_pages() -> None:
+    sim = Sim(small_config())
+    assert sim.cache.pool is sim.pool and sim.cache.fade_config is sim.cfg
+    params = CacheInitParams(disable=False, req_to_token_pool=sim.rtp, token_to_kv_pool_allocator=sim.alloc, page_size=4)
+    with pytest.raises(ValueError, match="page_size"):
+        TieredRadixCache(params)
+
+
+def test_sinks_stay_fp16_and_idle_ages_warm_then_cold() -> None:
+    sim = Sim(small_config(sink_tokens=4))
+    toks = list(range(100, 120))
+    insert(sim, toks)
+    now = time.monotonic()
+    assert sim.cache.demote_idle(now) == 0  # nothing idle yet
+    assert sim.cache.demote_idle(now + 2.0) == 16  # past warm_idle (1 s), before cold_idle (10 s)
+    assert tiers_of(sim, toks) == [Tier.FP16] * 4 + [Tier.WARM] * 16
+    node = sim.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", toks)))).last_device_node
+    assert sim.cache.demote_idle(node.last_access_time + 20.0) == 16
+    assert tiers_of(sim, toks) == [Tier.FP16] * 4 + [Tier.COLD] * 16
+    stats = sim.cache.tier_stats()
+    assert stats["demoted_tokens"]["idle"] == {"fp16->warm": 16, "warm->cold": 16}
+    assert stats["tree_tokens"] == {"fp16": 4, "warm": 0, "cold": 16}
+    sim.check()
+
+
+def test_shared_prefixes_stay_fp16() -> None:
+    sim = Sim(small_config(sink_tokens=0))
+    shared = list(range(200, 210))
+    insert(sim, shared + [1, 2, 3, 4, 5])
+    insert(sim, shared + [6, 7, 8, 9])  # the shared part becomes a node with two children
+    hot = list(range(300, 308))
+    insert(sim, hot)
+    insert(sim, hot)  # same sequence twice: one leaf, hit_count 2
+    sim.cache.demote_idle(time.monotonic() + LATER)
+    assert tiers_of(sim, shared + [1, 2, 3, 4, 5]) == [Tier.FP16] * 10 + [Tier.COLD] * 5
+    assert tiers_of(sim, shared + [6, 7, 8, 9]) == [Tier.FP16] * 10 + [Tier.COLD] * 4
+    assert tiers_of(sim, hot) == [Tier.FP16] * 8
+    sim.check()
+
+
+def test_locked_nodes_are_never_demoted_or_evicted() -> None:
+    sim = Sim(small_config(sink_tokens=0))
+    req = sim.start(list(range(400, 430)))
+    sim.checkpoint(req)  # cached in the tree, still locked by the running request
+    before = sim.cache.path_device_indices(req.lock.node).clone()
+    assert sim.cache.demote_idle(time.monotonic() + LATER) == 0
+    res = sim.cache.evict(EvictParams(num_tokens=100))
+    assert res.num_tokens_evicted == 0
+    assert torch.equal(sim.cache.path_device_indices(req.lock.node), before)
+    sim.check()
+
+
+def fill_cache(sim: Sim, count: int, length: int = 12) -> list[list[int]]:
+    seqs = [[1000 + 50 * i + j for j in range(length)] for i in range(count)]
+    for s in seqs:
+        insert(sim, s)
+    return seqs
+
+
+def test_demote_before_evict() -> None:
+    sim = Sim(small_config(sink_tokens=0, demote_chunk=1), size=400)  # fp16 60, warm 178, cold 160
+    seqs = fill_cache(sim, 5)  # 60 fp16 tokens: the fp16 tier is full
+    assert sim.alloc.fp16_available() == 0
+    res = sim.cache.evict(EvictParams(num_tokens=20))
+    assert res.num_tokens_evicted == 20 and sim.alloc.fp16_available() == 20
+    assert sim.cache.total_size() == 60  # nothing evicted: demoted instead
+    assert sim.cache.tier_stats()["evicted_tokens"] == {}
+    assert sim.cache.tier_stats()["demoted_tokens"]["evict"] == {"fp16->warm": 20}
+    # Coldest first: the first-inserted sequence went to warm.
+    assert set(tiers_of(sim, seqs[0])) == {Tier.WARM}
+    assert set(tiers_of(sim, seqs[-1])) == {Tier.FP16}
+    sim.check()
+
+
+def test_warm_full_cascades_to_cold_then_evicts_lowest_tier() -> None:
+    sim = Sim(small_config(sink_tokens=0, demote_chunk=1), size=400)
+    cap = {t: sim.pool.layout.capacity(t) for t in Tier}
+    total = cap[Tier.FP16] + cap[Tier.WARM] + cap[Tier.COLD]
+    seqs = []
+    while sum(sim.pool.used(t) for t in Tier) + 12 <= total:  # fill every tier through demote-on-alloc
+        seqs += fill_cache_from(sim, len(seqs))
+    stats = sim.cache.tier_stats()
+    assert stats["evicted_tokens"] == {}, "eviction happened before demotion was exhausted"
+    assert stats["demoted_tokens"]["evict"].get("warm->cold", 0) > 0, "warm tier never cascaded to cold"
+    assert sim.pool.available(Tier.WARM) < 12 and sim.pool.available(Tier.COLD) < 12
+    # Now the next request must evict: the victims are the cold (oldest) leaves.
+    fill_cache_from(sim, len(seqs))
+    evicted = sim.cache.tier_stats()["evicted_tokens"]
+    assert evicted.get("cold", 0) > 0 and evicted.get("fp16", 0) == 0
+    sim.check()
+
+
+def fill_cache_from(sim: Sim, i: int) -> list[list[int]]:
+    s = [5000 + 50 * i + j for j in range(12)]
+    insert(sim, s)
+    return [s]
+
+
+def test_eviction_off_never_drops_cached_tokens() -> None:
+    sim = Sim(small_config(sink_tokens=0, demote_chunk=1, eviction=False,
+                           tier_budget={"fp16": 0.6, "warm": 0.4, "cold": 0.0}), size=200)
+    for i in range(40):
+        req = sim.start([7000 + 50 * i + j for j in range(12)])
+        if req is None:
+            break
+        sim.release(req, cache_it=True)
+    assert sim.pool.available(Tier.WARM) < 12  # ran out of room
+    before = sim.cache.total_size()
+    res = sim.cache.evict(EvictParams(num_tokens=50))
+    assert res.num_tokens_evicted < 50 and sim.cache.total_size() == before
+    assert sim.cache.tier_stats()["evicted_tokens"] == {}
+    sim.check()
+
+
+def test_demote_running_rewrites_row_and_exclusive_nodes_only() -> None:
+    cfg = small_config(sink_tokens=2, recent_window=4, demote_chunk=4)
+    sim = Sim(cfg)
+    prompt = list(range(600, 620))
+    a = sim.start(prompt + [1, 2, 3])
+    sim.checkpoint(a)
+    b = sim.start(prompt + [7, 8, 9, 10, 11])  # shares the 20-token prompt with a
+    sim.checkpoint(b)
+    sim.decode(b, [12, 13, 14, 15, 16, 17, 18, 19])
+    shared_node = b.lock.node.parent
+    assert shared_node.lock_ref == 2
+    shared_before = shared_node.value.clone()
+    moved = sim.cache.demote_running([a, b], sim.rtp)
+    # a: only its tokens past the shared prompt and outside sinks/recent window could move (none: 3 < chunk).
+    # b: its exclusive node [20, 25) and its own tail [25, 29) move; the recent 4 stay.
+    assert moved == 9
+    assert torch.equal(shared_node.value, shared_before)
+    row = sim.rtp.req_to_token[b.kv.req_pool_idx, :b.kv.kv_committed_len].to(torch.int64)
+    tiers = sim.pool.tier_of(row).tolist()
+    assert tiers == [Tier.FP16] * 20 + [Tier.WARM] * 9 + [Tier.FP16] * 4
+    assert torch.equal(b.lock.node.value, row[20:25])
+    assert sim.cache.tier_stats()["demoted_tokens"]["running"] == {"fp16->warm": 9}
+    sim.check()
+    # After b finishes, its (already warm) tail is cached as is: no second quantization.
+    sim.release(b, cache_it=True)
+    assert sim.cache.tier_stats()["pool"]["demoted_tokens"]["fp16->int4"] == 9
+    sim.check()
+
+
+def test_evict_result_and_size_bookkeeping() -> None:
+    sim = Sim(small_config(sink_tokens=0, eviction=True, tier_budget={"fp16": 0.6, "warm": 0.4, "cold": 0.0}), size=120)
+    fill_cache(sim, 3, length=10)
+    held = sim.cache.total_size()
+    fp16_held = sim.cache.tier_token_counts()["fp16"]
+    assert sim.cache.evictable_size() == held and sim.cache.protected_size() == 0
+    res = sim.cache.evict(EvictParams(num_tokens=10_000))  # more than exists: demote all, then evict all
+    assert sim.cache.total_size() == 0 and sim.cache.evictable_size() == 0
+    assert res.num_tokens_evicted == fp16_held  # fp16 slots handed back, however they were freed
+    assert sim.alloc.fp16_available() == sim.pool.layout.capacity(Tier.FP16)
+    sim.check()
