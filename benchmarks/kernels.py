@@ -18,6 +18,7 @@ are random bytes: the timing does not depend on the values.
 GPU:   python benchmarks/kernels.py [--dtype bf16|fp16] [--batches 1,8,32] [--contexts 4096,32768,131072] [--json out.json]
 CPU:   TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   (tiny shapes, fp16, one timed run each, plus a
        correctness check against the torch reference; keeps this script from rotting)
+       python benchmarks/kernels.py --compile-only 90   (compile every kernel for sm_90 without a GPU; registers)
 """
 
 from __future__ import annotations
@@ -315,6 +316,84 @@ def print_table(rows: list[Row]) -> None:
               f"{fmt(r.gbps, '7.0f')} {fmt(r.pct_of_copy_bw, '6.1f')} {fmt(r.speedup_vs_sglang, '6.2f')}  {r.note}")
 
 
+def compile_only(args: argparse.Namespace) -> list[dict]:
+    """Compile every fade kernel for ``cuda:sm_<arch>`` without a GPU (ptxas ships with triton).
+
+    The interpreter never runs the real compiler, so this is the CPU-side check that the kernels
+    lower (dtypes, layouts, bf16) and a first look at register pressure / spills. Launches go
+    through the real launchers with small CPU tensors; ``JITFunction.run`` compiles instead.
+    """
+    import inspect
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction, mangle_type
+
+    from fade_sglang.kernels.decode import DecodeWorkspace, launch_decode, partition_by_tier
+    from fade_sglang.kernels.extend import launch_extend
+    from fade_sglang.kernels.quantize import launch_quantize
+
+    target = GPUTarget("cuda", int(args.compile_only), 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    report: list[dict] = []
+
+    def compile_instead(self, *a, grid, warmup, **kw):  # noqa: ANN001 - JITFunction.run's signature
+        opts = {k: kw.pop(k) for k in list(kw) if k in ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")}
+        bound = inspect.signature(self.fn).bind(*a, **kw)
+        bound.apply_defaults()
+        signature, constexprs = {}, {}
+        for i, (name, val) in enumerate(bound.arguments.items()):
+            if self.params[i].is_constexpr or val is None:
+                signature[name], constexprs[(i,)] = "constexpr", getattr(val, "value", val)
+            elif isinstance(val, torch.Tensor):
+                signature[name] = mangle_type(val)
+            elif isinstance(val, bool):
+                signature[name] = "i1"
+            elif isinstance(val, int):
+                signature[name] = "i64" if abs(val) >= 2**31 else "i32"
+            else:
+                signature[name] = "fp32"
+        entry = {"kernel": self.fn.__name__, **opts}
+        try:
+            k = triton.compile(ASTSource(self, signature, constexprs), target=target, options=opts)
+            entry["shared_bytes"] = k.metadata.shared
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                       capture_output=True, text=True).stdout
+            entry["resources"] = " ".join(w for w in usage.split() if w.startswith(("REG:", "STACK:")))
+        except Exception as e:  # noqa: BLE001 - report, keep compiling the others
+            entry["error"] = f"{type(e).__name__}: {e}"[:500]
+        report.append(entry)
+        print(entry, flush=True)
+
+    JITFunction.run = compile_instead
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    hkv, d = args.kv_heads, args.head_dim
+    hq = hkv * args.group
+    view = build_view(8, hkv, d, dtype, "cpu")
+    indptr = torch.tensor([0, 4, 8])
+    part = partition_by_tier(indptr, scenario_indices("mix", 2, 4, view, "cpu"), view.warm_base, view.cold_base)
+    q = torch.zeros(2, hq, d, dtype=dtype)
+    launch_decode(q, view, part, 0.1, torch.empty_like(q), 4, DecodeWorkspace.allocate(2, hq, d, 4, "cpu"))
+    kn = torch.zeros(8, hkv, d, dtype=dtype)
+    launch_extend(torch.zeros(8, hq, d, dtype=dtype), kn, kn, view, indptr, part, 0.1,
+                  torch.empty(8, hq, d, dtype=dtype), 4)
+    for fmt in (QuantFormat(4, 64, True), QuantFormat(2, 32, True)):
+        st = torch.zeros(1, 2, 8, hkv, fmt.num_groups(d), dtype=torch.float16)
+        launch_quantize(torch.zeros(1, 2, 8, hkv, d, dtype=dtype), torch.arange(4),
+                        torch.zeros(1, 2, 8, hkv, fmt.packed_dim(d), dtype=torch.uint8), st, st.clone(),
+                        torch.arange(4), fmt, view.rotation, torch.zeros(1, hkv, d))
+    failed = [r for r in report if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} kernel(s) failed to compile for sm_{args.compile_only}")
+    return report
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
@@ -326,11 +405,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--sglang-splits", type=int, default=8, help="SGLang's triton_attention_num_kv_splits")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--compile-only", metavar="ARCH", help="no GPU needed: compile every kernel for sm_ARCH "
+                   "(e.g. 90) and print registers / spills (do not set TRITON_INTERPRET)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
+    if args.compile_only:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            sys.exit("--compile-only needs the real compiler: unset TRITON_INTERPRET")
+        report = compile_only(args)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=1)
+        return []
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--smoke runs on CPU and needs TRITON_INTERPRET=1 set before Python starts")
     if not args.smoke and not torch.cuda.is_available():

@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,11 +81,18 @@ def _answer_suffix(answer: str) -> str:
     return f" {answer}."
 
 
-def make_document(
-    rng: random.Random, tokenizer, length: int, cfg: DataConfig
-) -> tuple[list[int], list[float], list[bool]]:
-    """One training document of exactly ``length`` tokens: ids, per-token loss weights
-    (the weight of token t applies to predicting it from tokens < t) and an answer mask."""
+@dataclass
+class Doc:
+    ids: list[int]
+    weights: list[float]  # loss weight of predicting ids[t] (t >= 1)
+    answer_mask: list[bool]
+    # Attention supervision: (query position, source positions).  The token at query+1 is
+    # answer digit j; sources are where that digit sits in the needle(s) stating the value.
+    attn_targets: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
+def make_document(rng: random.Random, tokenizer, length: int, cfg: DataConfig) -> Doc:
+    """One retrieval training document of exactly ``length`` tokens."""
     eos = tokenizer.eos_token_id
     suffix_len = 2 + cfg.digits + 1  # " " + digits + "." + eos
     ctx = length - suffix_len
@@ -103,37 +110,55 @@ def make_document(
             filler_repeat=cfg.filler_repeat,
         )
     segs = s.segments + [(_answer_suffix(s.answer), "answer")]
-    backend = tokenizer.backend_tokenizer
-    encs = backend.encode_batch([t for t, _ in segs], add_special_tokens=False)
+    encs = tokenizer.backend_tokenizer.encode_batch([t for t, _ in segs], add_special_tokens=False)
     digit_ids = _digit_ids(tokenizer)
-    ids = [tokenizer.bos_token_id]
-    w = [0.0]
-    m = [False]
+    doc = Doc(ids=[tokenizer.bos_token_id], weights=[0.0], answer_mask=[False])
+    stated: dict[tuple[int, ...], list[int]] = {}  # digit run -> start positions in needles
     for (text, role), e in zip(segs, encs):
-        ids.extend(e.ids)
-        m.extend([role == "answer"] * len(e.ids))
-        if role == "answer":
-            w.extend([cfg.answer_weight] * len(e.ids))
-        elif role == "needle":
+        base = len(doc.ids)
+        toks = list(e.ids)
+        runs = _digit_runs(toks, digit_ids)
+        doc.ids.extend(toks)
+        doc.answer_mask.extend([role == "answer"] * len(toks))
+        if role == "needle":
             # The first mention of a value is random: don't train on its digits (a second
             # mention, as in the passkey needle, is a copy and keeps its weight).
-            seen = 0
-            for i in e.ids:
-                is_digit = i in digit_ids
-                w.append(0.0 if is_digit and seen < cfg.digits else cfg.context_weight)
-                seen += is_digit
+            w = [cfg.context_weight] * len(toks)
+            if runs:
+                r0, r1 = runs[0]
+                w[r0:r1] = [0.0] * (r1 - r0)
+            doc.weights.extend(w)
+            for r0, r1 in runs:
+                stated.setdefault(tuple(toks[r0:r1]), []).append(base + r0)
+        elif role == "answer":
+            doc.weights.extend([cfg.answer_weight] * len(toks))
+            for r0, r1 in runs:
+                sources = stated.get(tuple(toks[r0:r1]), [])
+                for j in range(r1 - r0):
+                    if sources:
+                        doc.attn_targets.append((base + r0 + j - 1, [p + j for p in sources]))
         else:
-            w.extend([cfg.context_weight] * len(e.ids))
-    ids.append(eos)
-    w.append(cfg.context_weight)
-    m.append(False)
-    # Exact length by construction; pad/trim defensively if a tokenizer breaks additivity.
-    ids, w, m = ids[:length], w[:length], m[:length]
-    while len(ids) < length:
-        ids.append(tokenizer.pad_token_id)
-        w.append(0.0)
-        m.append(False)
-    return ids, w, m
+            doc.weights.extend([cfg.context_weight] * len(toks))
+    doc.ids.append(eos)
+    doc.weights.append(cfg.context_weight)
+    doc.answer_mask.append(False)
+    if len(doc.ids) != length:  # exact by construction (additive tokenization)
+        raise RuntimeError(f"document has {len(doc.ids)} tokens, expected {length}")
+    return doc
+
+
+def _digit_runs(toks: list[int], digit_ids: frozenset[int]) -> list[tuple[int, int]]:
+    runs, i = [], 0
+    while i < len(toks):
+        if toks[i] in digit_ids:
+            j = i
+            while j < len(toks) and toks[j] in digit_ids:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    return runs
 
 
 _DIGIT_CACHE: dict[int, frozenset[int]] = {}
@@ -146,40 +171,69 @@ def _digit_ids(tokenizer) -> frozenset[int]:
     return _DIGIT_CACHE[key]
 
 
-def make_copy_document(rng: random.Random, tokenizer, length: int) -> tuple[list[int], list[float], list[bool]]:
-    """Random-token chunks, about half of which repeat a span from anywhere earlier.
-
-    Only repeated tokens after the first of each span are trained on: they are predictable
-    solely by content-based copying (induction), which forms within a few hundred steps,
-    unlike on the retrieval documents alone.  Spans start at random earlier positions so a
-    fixed-offset (purely positional) head cannot solve it."""
-    lo = len(tokenizer.all_special_ids)
-    ids = [tokenizer.bos_token_id]
-    w = [0.0]
-    while len(ids) < length:
-        n = rng.randint(3, 12)
-        if len(ids) > 16 and rng.random() < 0.5:
-            start = rng.randrange(1, len(ids) - 1)
-            span = ids[start : start + n]
-            ids.extend(span)
-            w.extend([0.0] + [1.0] * (len(span) - 1))
-        else:
-            ids.extend(rng.randrange(lo, len(tokenizer)) for _ in range(n))
-            w.extend([0.0] * n)
-    return ids[:length], w[:length], [False] * length
-
-
 def make_batch(
-    rng: random.Random, tokenizer, length: int, batch: int, cfg: DataConfig, p_copy: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    docs = [
-        make_copy_document(rng, tokenizer, length) if rng.random() < p_copy else make_document(rng, tokenizer, length, cfg)
-        for _ in range(batch)
-    ]
-    ids = torch.tensor([d[0] for d in docs], dtype=torch.long)
-    w = torch.tensor([d[1] for d in docs], dtype=torch.float32)
-    m = torch.tensor([d[2] for d in docs], dtype=torch.bool)
-    return ids, w, m
+    rng: random.Random, tokenizer, length: int, batch: int, cfg: DataConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, list[int]]]]:
+    """ids, loss weights, answer mask and attention targets ``(row, query, sources)``."""
+    docs = [make_document(rng, tokenizer, length, cfg) for _ in range(batch)]
+    ids = torch.tensor([d.ids for d in docs], dtype=torch.long)
+    w = torch.tensor([d.weights for d in docs], dtype=torch.float32)
+    m = torch.tensor([d.answer_mask for d in docs], dtype=torch.bool)
+    targets = [(b, q, src) for b, d in enumerate(docs) for q, src in d.attn_targets]
+    return ids, w, m, targets
+
+
+class AttentionSupervision:
+    """Auxiliary loss that tells chosen heads of one layer where an answer digit is stated.
+
+    Why: trained only on next-token loss, a small model sits on a long plateau before
+    content-based retrieval (induction) heads form -- far longer than a 20-minute CPU
+    budget.  The bottleneck is finding the attention pattern, so we supervise it directly:
+    at the position predicting answer digit j, the head should attend to digit j of the
+    needle.  The model stays a plain Llama; only the training signal is richer.
+
+    A forward pre-hook captures the layer's (normed) input and rotary embeddings, and the
+    query/key rows needed are recomputed here, so the fast SDPA path is kept for the
+    model's own forward."""
+
+    def __init__(self, attn: torch.nn.Module, heads: list[int]) -> None:
+        self.attn = attn
+        self.heads = heads
+        self._captured: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        attn.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):  # noqa: ANN001 - torch hook signature
+        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self._captured = (hs, kwargs["position_embeddings"])
+
+    def loss(self, targets: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        assert self._captured is not None, "run the model forward first"
+        hs, (cos, sin) = self._captured
+        self._captured = None
+        if not targets:
+            return hs.new_zeros(())
+        bsz, T, _ = hs.shape
+        hd = self.attn.head_dim
+        q = self.attn.q_proj(hs).view(bsz, T, -1, hd).transpose(1, 2)
+        k = self.attn.k_proj(hs).view(bsz, T, -1, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        groups = self.attn.num_key_value_groups
+        pos = torch.arange(T)
+        losses = []
+        for b in sorted({t[0] for t in targets}):
+            rows = [t for t in targets if t[0] == b]
+            qpos = torch.tensor([t[1] for t in rows])
+            allowed = torch.zeros(len(rows), T, dtype=torch.bool)
+            for i, (_, _, src) in enumerate(rows):
+                allowed[i, src] = True
+            causal = pos[None, :] <= qpos[:, None]
+            for h in self.heads:
+                logits = (q[b, h, qpos] @ k[b, h // groups].T) * self.attn.scaling
+                logp = torch.log_softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+                losses.append(-torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=-1))
+        return torch.cat(losses).mean()
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-weight", type=float, default=1.0, help="loss weight of non-answer tokens")
     ap.add_argument("--max-pairs", type=int, default=10)
     ap.add_argument("--filler-repeat", type=float, default=0.2)
-    ap.add_argument("--copy-phase", type=float, default=0.1, help="fraction of steps on pure copy documents")
-    ap.add_argument("--copy-mix", type=float, default=0.05, help="share of copy documents after that phase")
+    ap.add_argument("--attn-sup", type=float, default=1.0, help="weight of the attention-supervision loss (0: off)")
+    ap.add_argument("--attn-sup-layer", type=int, default=-1)
+    ap.add_argument("--attn-sup-heads", default="0", help="comma-separated query heads")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=16)
     ap.add_argument("--eval-length", type=int, default=1024)
@@ -339,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95),
     )
+    sup = None
+    if args.attn_sup > 0:
+        layer = model.model.layers[args.attn_sup_layer].self_attn
+        sup = AttentionSupervision(layer, [int(h) for h in args.attn_sup_heads.split(",")])
     data_rng = random.Random(args.seed)
     model.train()
     tokens_seen = 0
@@ -352,12 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         length, batch = stage_at(curriculum, step / args.steps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        p_copy = 1.0 if step < args.copy_phase * args.steps else args.copy_mix
-        ids, w, amask = make_batch(data_rng, tokenizer, length, batch, dcfg, p_copy)
+        ids, w, amask, targets = make_batch(data_rng, tokenizer, length, batch, dcfg)
         logits = model(input_ids=ids).logits[:, :-1]
         tgt, wt, am = ids[:, 1:], w[:, 1:], amask[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), reduction="none")
-        loss = (ce * wt.reshape(-1)).sum() / wt.sum()
+        lm_loss = (ce * wt.reshape(-1)).sum() / wt.sum()
+        sup_loss = sup.loss(targets) if sup is not None else lm_loss.new_zeros(())
+        loss = lm_loss + args.attn_sup * sup_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -370,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                 ans_loss = ce[ans].mean().item() if ans.any() else float("nan")
             now = time.time()
             print(
-                f"step {step:5d} len {length:5d} loss {loss.item():.3f} ans_loss {ans_loss:.3f} "
+                f"step {step:5d} len {length:5d} loss {lm_loss.item():.3f} ans_loss {ans_loss:.3f} "
+                f"attn_sup {sup_loss.item():.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} tok/s {tok_log / max(now - t_log, 1e-9):.0f} "
                 f"elapsed {now - t_start:.0f}s",
                 flush=True,

@@ -267,7 +267,7 @@ def quantize_rows(src: torch.Tensor, dst_data: torch.Tensor, dst_scale: torch.Te
                   rotation: torch.Tensor | None = None, k_center: torch.Tensor | None = None) -> None:
     """Quantize a batch of tokens for all layers, K and V, in one launch, into a packed store.
 
-    ``src [L, 2, N, H, D]`` (any float dtype; K at index 1 = 0, V at 1): token ``i``
+    ``src [L, 2, N, H, D]`` (any float dtype; dim 1 is K then V): token ``i``
     is ``src[:, :, src_rows[i]]`` (``i`` itself when ``src_rows`` is None) and lands
     in row ``dst_rows[i]`` of ``dst_data [L, 2, R, H, D * bits / 8]`` (uint8) and
     ``dst_scale / dst_zero [L, 2, R, H, D / group]`` (fp16), i.e. a

@@ -1,17 +1,17 @@
-"""``fade_torch``: an attention backend that reads every tier of the tiered KV pool.
+"""``fade_torch`` / ``fade_triton``: attention backends that read every tier of the tiered KV pool.
 
 Registered with ``sglang.srt.layers.attention.attention_registry.register_attention_backend``
-and added to the ``--attention-backend`` choices; it is the default under
-``--kv-compression fade``. It works with ``--device cpu``.
+and added to the ``--attention-backend`` choices. Under ``--kv-compression fade`` the
+default is ``fade_triton`` on CUDA (the fused mixed-tier Triton kernels in ``kernels/``)
+and ``fade_torch`` on CPU (the torch reference: gather + dequantize per request).
+``fade_triton`` also runs on CPU under ``TRITON_INTERPRET=1`` (slow; used by tests).
 
 One seam for the compute: ``decode_impl(q, view, kv_indptr, kv_indices, sm_scale)``
 and ``extend_impl(q, k_new, v_new, view, qo_indptr, kv_indptr, kv_indices, sm_scale)``
-(``fade_sglang.attention.reference`` conventions) over a ``TieredLayerKV``
-(``pool.layer_view(layer_id)``) and a FlashInfer-style page table (page size 1:
-slot = page). Decode tables cover the whole sequence; extend tables cover only the
-cached prefix, the new chunk's K/V come in full precision. The pair is chosen
-once at init (:func:`select_impls`): the torch reference (gather + dequantize per
-request) now; the Triton kernels plug in there with the same calling convention.
+over a ``TieredLayerKV`` (``pool.layer_view(layer_id)``) and a FlashInfer-style page
+table (page size 1: slot = page). Decode tables cover the whole sequence; extend
+tables cover only the cached prefix, the new chunk's K/V come in full precision.
+CUDA graphs are not captured for these backends yet (fade turns them off).
 """
 
 from __future__ import annotations
@@ -26,26 +26,30 @@ from fade_sglang.pool.view import TieredLayerKV
 
 logger = logging.getLogger("fade_sglang")
 
-BACKEND_NAME = "fade_torch"
+TORCH_BACKEND = "fade_torch"
+TRITON_BACKEND = "fade_triton"
+BACKEND_NAMES = (TORCH_BACKEND, TRITON_BACKEND)
 DecodeImpl = Callable[[torch.Tensor, TieredLayerKV, torch.Tensor, torch.Tensor, float], torch.Tensor]
 ExtendImpl = Callable[..., torch.Tensor]
 
 
-def select_impls(device: str) -> tuple[DecodeImpl, ExtendImpl, str]:
-    """The compute used by this backend; the only place a kernel choice is made."""
-    from fade_sglang.attention.reference import decode_attention_ref, extend_attention_ref
-
-    return decode_attention_ref, extend_attention_ref, "torch-reference"
+def default_backend(device: str | None) -> str:
+    """The Triton kernels where they run natively (CUDA), the torch reference elsewhere."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TRITON_BACKEND if str(device).startswith("cuda") else TORCH_BACKEND
 
 
 # ----------------------------------------------------------------------------- backend
 
 
 class _Metadata:
-    __slots__ = ("kv_indptr", "kv_indices", "qo_indptr")
+    __slots__ = ("kv_indptr", "kv_indices", "qo_indptr", "partition", "max_extend_len")
 
-    def __init__(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, qo_indptr: Optional[torch.Tensor]):
+    def __init__(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, qo_indptr: Optional[torch.Tensor],
+                 partition: Any = None, max_extend_len: Optional[int] = None):
         self.kv_indptr, self.kv_indices, self.qo_indptr = kv_indptr, kv_indices, qo_indptr
+        self.partition, self.max_extend_len = partition, max_extend_len
 
 
 def _indptr(lens: torch.Tensor) -> torch.Tensor:
@@ -54,20 +58,22 @@ def _indptr(lens: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class FadeTorchAttnBackend(AttentionBackend):
-    def __init__(self, model_runner: Any):
+class FadeAttnBackend(AttentionBackend):
+    def __init__(self, model_runner: Any, use_triton: bool):
         super().__init__()
         from fade_sglang.pool.tiered_pool import TieredKVPool
 
+        self.name = TRITON_BACKEND if use_triton else TORCH_BACKEND
+        self.use_triton = use_triton
         self.device = model_runner.device
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.pool = model_runner.token_to_kv_pool
         if not isinstance(self.pool, TieredKVPool):
-            raise ValueError(f"--attention-backend {BACKEND_NAME} needs --kv-compression fade "
+            raise ValueError(f"--attention-backend {self.name} needs --kv-compression fade "
                              f"(the KV pool is a {type(self.pool).__name__})")
-        self.decode_impl, self.extend_impl, impl_name = select_impls(str(self.device))
         self.forward_metadata: Optional[_Metadata] = None
-        logger.info("[fade] attention backend %s (%s)", BACKEND_NAME, impl_name)
+        logger.info("[fade] attention backend %s (%s)", self.name,
+                    "Triton mixed-tier kernels" if use_triton else "torch reference")
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         mode = forward_batch.forward_mode
@@ -83,19 +89,46 @@ class FadeTorchAttnBackend(AttentionBackend):
         mask = torch.arange(rows.shape[1], device=rows.device)[None, :] < kv_lens[:, None]
         kv_indices = rows[mask].to(torch.int64)
         qo_indptr = None if mode.is_decode() else _indptr(forward_batch.extend_seq_lens.to(torch.int64))
-        self.forward_metadata = _Metadata(kv_indptr, kv_indices, qo_indptr)
+        partition = max_extend_len = None
+        if self.use_triton:  # one tier partition per step, shared by every layer
+            from fade_sglang.kernels import partition_by_tier
+
+            partition = partition_by_tier(kv_indptr, kv_indices, self.pool.layer_view(self.pool.start_layer))
+            if not mode.is_decode():
+                lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+                max_extend_len = max(lens) if lens else None
+        self.forward_metadata = _Metadata(kv_indptr, kv_indices, qo_indptr, partition, max_extend_len)
+
+    def _decode(self, q: torch.Tensor, view: TieredLayerKV, md: _Metadata, scale: float) -> torch.Tensor:
+        if self.use_triton:
+            from fade_sglang.kernels import decode_attention
+
+            return decode_attention(q, view, md.kv_indptr, md.kv_indices, scale, partition=md.partition)
+        from fade_sglang.attention.reference import decode_attention_ref
+
+        return decode_attention_ref(q, view, md.kv_indptr, md.kv_indices, scale)
+
+    def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, view: TieredLayerKV, md: _Metadata,
+                scale: float) -> torch.Tensor:
+        if self.use_triton:
+            from fade_sglang.kernels import extend_attention
+
+            return extend_attention(q, k, v, view, md.qo_indptr, md.kv_indptr, md.kv_indices, scale,
+                                    partition=md.partition, max_extend_len=md.max_extend_len)
+        from fade_sglang.attention.reference import extend_attention_ref
+
+        return extend_attention_ref(q, k, v, view, md.qo_indptr, md.kv_indptr, md.kv_indices, scale)
 
     def _save(self, layer: Any, forward_batch: Any, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
               save_kv_cache: bool) -> None:
         if save_kv_cache and k is not None and v is not None:
             self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
 
-    @staticmethod
-    def _check_layer(layer: Any) -> None:
+    def _check_layer(self, layer: Any) -> None:
         if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
-            raise NotImplementedError(f"{BACKEND_NAME}: cross attention / sliding window are not supported")
+            raise NotImplementedError(f"{self.name}: cross attention / sliding window are not supported")
         if layer.logit_cap and layer.logit_cap > 0:
-            raise NotImplementedError(f"{BACKEND_NAME}: attention logit soft-capping is not supported")
+            raise NotImplementedError(f"{self.name}: attention logit soft-capping is not supported")
 
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Any, forward_batch: Any,
                        save_kv_cache: bool = True, **kwargs: Any) -> torch.Tensor:
@@ -103,38 +136,45 @@ class FadeTorchAttnBackend(AttentionBackend):
         self._save(layer, forward_batch, k, v, save_kv_cache)
         md = self.forward_metadata
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        out = self.decode_impl(q3, self.pool.layer_view(layer.layer_id), md.kv_indptr, md.kv_indices, layer.scaling)
+        out = self._decode(q3, self.pool.layer_view(layer.layer_id), md, layer.scaling)
         return out.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Any, forward_batch: Any,
                        save_kv_cache: bool = True, **kwargs: Any) -> torch.Tensor:
         self._check_layer(layer)
         if k is None or v is None:
-            raise NotImplementedError(f"{BACKEND_NAME}: extend without the new chunk's K/V is not supported")
+            raise NotImplementedError(f"{self.name}: extend without the new chunk's K/V is not supported")
         self._save(layer, forward_batch, k, v, save_kv_cache)
         md = self.forward_metadata
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        out = self.extend_impl(q3, k, v, self.pool.layer_view(layer.layer_id), md.qo_indptr, md.kv_indptr,
-                               md.kv_indices, layer.scaling)
+        out = self._extend(q3, k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim),
+                           v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim),
+                           self.pool.layer_view(layer.layer_id), md, layer.scaling)
         return out.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def support_triton(self) -> bool:
         return False
 
 
-def create_fade_torch_backend(runner: Any) -> FadeTorchAttnBackend:
-    if runner.use_mla_backend:
-        raise ValueError(f"--attention-backend {BACKEND_NAME} does not support MLA models")
-    return FadeTorchAttnBackend(runner)
+def _creator(use_triton: bool) -> Callable[[Any], FadeAttnBackend]:
+    def create(runner: Any) -> FadeAttnBackend:
+        if runner.use_mla_backend:
+            raise ValueError(f"--attention-backend {TRITON_BACKEND if use_triton else TORCH_BACKEND} "
+                             "does not support MLA models")
+        return FadeAttnBackend(runner, use_triton)
+
+    return create
 
 
 def register_attention_backend() -> None:
-    """Register the backend and its CLI choice; must run before SGLang builds its argument parser."""
+    """Register the backends and their CLI choices; must run before SGLang builds its argument parser."""
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.layers.attention.attention_registry import register_attention_backend as _register
 
-    if BACKEND_NAME not in ATTENTION_BACKENDS:
-        _register(BACKEND_NAME)(create_fade_torch_backend)
-    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
-        add_attention_backend_choices([BACKEND_NAME])
+    for name, use_triton in ((TORCH_BACKEND, False), (TRITON_BACKEND, True)):
+        if name not in ATTENTION_BACKENDS:
+            _register(name)(_creator(use_triton))
+    missing = [n for n in BACKEND_NAMES if n not in ATTENTION_BACKEND_CHOICES]
+    if missing:
+        add_attention_backend_choices(missing)

@@ -2,10 +2,11 @@
 
 Per process:
 
-* every process: the ``fade_torch`` attention-backend CLI choice (the launcher
+* every process: the ``fade_torch`` / ``fade_triton`` attention-backend CLI choices (the launcher
   builds its parser after plugins load) and a BEFORE hook on
   ``sglang.srt.server_args.ServerArgs.resolve_once`` that fills fade's defaults
-  (attention backend ``fade_torch``, radix backend ``fade``, no overlap schedule)
+  (attention backend ``fade_triton`` on CUDA / ``fade_torch`` on CPU, radix backend ``fade``,
+  no overlap schedule, no CUDA graphs)
   and rejects an attention backend that cannot read packed tiers;
 * the launcher (main process, no scheduler): the ``GET /fade/stats`` route,
   mounted by a BEFORE hook on ``sglang.srt.entrypoints.http_server.launch_server``;
@@ -20,7 +21,7 @@ from typing import Any
 
 from .cli import ATTR_FROM_CLI, fade_config_from_server_args, fail
 
-FADE_ATTENTION_BACKENDS = ("fade_torch",)
+FADE_ATTENTION_BACKENDS = ("fade_torch", "fade_triton")
 _BACKEND_FIELDS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
 
 
@@ -44,18 +45,22 @@ def apply_serving_defaults(server_args: Any) -> None:
         if value is not None and value not in FADE_ATTENTION_BACKENDS:
             message = (f"--kv-compression fade needs an attention backend that reads packed KV tiers "
                        f"({', '.join(FADE_ATTENTION_BACKENDS)}); got --{field.replace('_', '-')} {value}. "
-                       f"Drop the flag to use {FADE_ATTENTION_BACKENDS[0]}.")
+                       f"Drop the flag to get fade's default for the device.")
             if getattr(server_args, ATTR_FROM_CLI, False):
                 fail(message)
             raise ValueError(message)
     if server_args.attention_backend is None:
-        server_args.attention_backend = FADE_ATTENTION_BACKENDS[0]
+        from .attention_backend import default_backend
+
+        server_args.attention_backend = default_backend(server_args.device)
     if server_args.radix_cache_backend is None:
         from .scheduler_hooks import RADIX_BACKEND_NAME
 
         server_args.radix_cache_backend = RADIX_BACKEND_NAME
     # Demotion rewrites KV slots between steps; an overlapped forward could still be reading them.
     server_args.disable_overlap_schedule = True
+    # The fade backends implement no CUDA-graph capture path yet: run eagerly.
+    server_args.disable_cuda_graph = True
 
 
 def _resolve_once_before(server_args: Any, *args: Any, **kwargs: Any) -> None:

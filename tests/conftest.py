@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 FAKES_SITE_DIR = TESTS_DIR / "fakes" / "site"
 
+# Triton binds tl.* when triton is first imported (sglang imports it), so the interpreter
+# switch must be set before anything else on a machine without a GPU. Server children
+# inherit it, which lets --attention-backend fade_triton run on CPU too.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -50,7 +50,8 @@ class TieredKVPool(MHATokenToKVPool):
 
     def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
                  layer_num: int, device: str, enable_memory_saver: bool, *args: Any,
-                 fade_config: FadeConfig | None = None, strict: bool | None = None, **kwargs: Any):
+                 fade_config: FadeConfig | None = None, strict: bool | None = None,
+                 demote_kernel: bool | None = None, **kwargs: Any):
         cfg = fade_config or type(self).fade_config or FadeConfig()
         if page_size != 1:
             raise ValueError(f"fade KV compression supports page_size 1 only (got {page_size})")
@@ -71,6 +72,13 @@ class TieredKVPool(MHATokenToKVPool):
                          enable_memory_saver, *args, **kwargs)
         self.total_size = self.layout.total_slots
         self.strict = (torch.device(device).type == "cpu") if strict is None else strict
+        # Demotion quantizes through the fused Triton kernel where it runs natively (CUDA) and
+        # head_dim suits it; the torch path (also the reference) elsewhere.
+        self.demote_kernel = (torch.device(device).type == "cuda") if demote_kernel is None else demote_kernel
+        if self.demote_kernel:
+            from ..kernels.decode import supported_head_dim
+
+            self.demote_kernel = supported_head_dim(head_dim)
         self.rotation = rotation_matrix(head_dim, cfg.rotation_seed, torch.float32, device) if cfg.rotation else None
         self.k_center = torch.zeros(layer_num, head_num, head_dim, dtype=torch.float32, device=device)
         self._center_frozen = [not cfg.center_keys] * layer_num
@@ -227,11 +235,26 @@ class TieredKVPool(MHATokenToKVPool):
         store = self.stores[dst_tier]
         for i in range(0, src.numel(), step):  # bounded temporaries; chunks of many tokens, not a token loop
             s, d = src[i:i + step], self.layout.local_index(dst[i:i + step], dst_tier)
+            if src_tier == Tier.FP16 and self.demote_kernel and all(self._center_frozen):
+                self._quantize_kernel(self.kv_fp16, d, store, src_rows=s, fused=True)
+                continue
             if src_tier == Tier.FP16:
-                x = self._to_packed_space(self.kv_fp16[:, :, s], slice(None))
+                x = self._to_packed_space(self.kv_fp16[:, :, s], slice(None))  # freezes centers on first use
             else:
                 x = self.stores[src_tier].read(self.layout.local_index(s, src_tier))
-            store.write(d, x)
+            if self.demote_kernel:
+                self._quantize_kernel(x, d, store)
+            else:
+                store.write(d, x)
+
+    def _quantize_kernel(self, src: torch.Tensor, rows: torch.Tensor, store: PackedTierStore,
+                         src_rows: torch.Tensor | None = None, fused: bool = False) -> None:
+        """One launch for all layers, K and V; ``fused`` gathers model-space rows and rotates/centers in-kernel."""
+        from ..kernels import quantize_rows
+
+        center = self.k_center if fused and self.fade_config.center_keys else None
+        quantize_rows(src, store.data, store.scale, store.zero, rows, store.fmt, src_rows=src_rows,
+                      rotation=self.rotation if fused else None, k_center=center)
 
     # ------------------------------------------------------------------ reads
     def read_kv(self, layer_id: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
