@@ -52,18 +52,27 @@ class Scale:
     gsp: dict[str, int]  # --gsp-* flags of sglang.bench_serving
     gsp_concurrency: int
     agent: AgentTraceSpec
+    agent_concurrency: int
+    max_running_requests: int | None = None  # --max-running-requests of every server (None: SGLang's)
     device: str = "cpu"
 
 
 SCALES = {
-    # CPU: minutes on 2 cores. The fp16 pool (1536 tokens) is smaller than either workload's KV.
+    # CPU: ~10 minutes on 2 cores. The workloads' KV exceeds the fp16 pool (6144 tokens), so it evicts
+    # cached prefixes. Concurrency is capped (the same cap for every configuration) because each fade
+    # request in flight keeps sinks + its recent window in the fp16 tier, which holds 10-20% of the
+    # bytes: 3 requests x (16 + 256 + 64) slots fit the `safe` preset's 1228 fp16 slots.
     "tiny": Scale(
-        base_tokens=1536,
-        gsp={"num-groups": 4, "prompts-per-group": 4, "system-prompt-len": 192, "question-len": 48,
-             "output-len": 16, "num-turns": 2},
-        gsp_concurrency=16,
-        agent=AgentTraceSpec(sessions=8, turns=3, system_tokens=192, user_tokens=32, tool_tokens=128,
+        base_tokens=6144,
+        # One turn: bench_serving's multi-turn mode needs a chat backend (a chat template) the tiny model
+        # lacks; the agent trace below is the multi-turn workload.
+        gsp={"num-groups": 6, "prompts-per-group": 2, "system-prompt-len": 768, "question-len": 64,
+             "output-len": 16, "num-turns": 1},
+        gsp_concurrency=3,
+        agent=AgentTraceSpec(sessions=10, turns=3, system_tokens=512, user_tokens=48, tool_tokens=512,
                              output_tokens=16),
+        agent_concurrency=3,
+        max_running_requests=3,
     ),
     # GPU (not run yet): a real model, a pool of ~200K fp16 tokens, long shared prefixes.
     "gpu": Scale(
@@ -73,6 +82,7 @@ SCALES = {
         gsp_concurrency=256,
         agent=AgentTraceSpec(sessions=128, turns=8, system_tokens=2048, user_tokens=128, tool_tokens=2048,
                              output_tokens=256),
+        agent_concurrency=128,
         device="cuda",
     ),
 }
@@ -111,15 +121,38 @@ def config_tokens(cfg: Config, model: Path, dtype: str, base_tokens: int) -> int
 # ----------------------------------------------------------------------------- workloads
 
 
+def _bench_serving_env() -> dict[str, str]:
+    """Environment for ``sglang.bench_serving``. It imports HF ``datasets`` at module level (for MMMU) even
+    for the generated-shared-prefix dataset; the slim CPU install lacks it, so an import-only stand-in
+    goes on PYTHONPATH when the real package is missing."""
+    import importlib.util
+    import os
+    import tempfile
+
+    env = server_env()
+    if importlib.util.find_spec("datasets") is None:
+        stub = Path(tempfile.mkdtemp(prefix="fade-bench-")) / "datasets"
+        stub.mkdir()
+        (stub / "__init__.py").write_text(
+            "def load_dataset(*args, **kwargs):\n"
+            "    raise RuntimeError('HF datasets is not installed (fade-sglang import stand-in)')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(stub.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
 def run_gsp(srv: ServerProcess, model: Path, scale: Scale, out_file: Path, timeout_s: float) -> dict[str, Any]:
     """SGLang's bench_serving on the generated-shared-prefix dataset; its JSONL result line."""
     gsp = [f"--gsp-{k}={v}" for k, v in scale.gsp.items()]
-    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1",
+    # < 1: lengths vary a little, and bench_serving does not reuse a dataset cached on disk under a key
+    # that ignores the tokenizer's path (a cache from another model would send foreign token ids).
+    gsp.append("--gsp-range-ratio=0.95")
+    backend = "sglang-oai-chat" if scale.gsp.get("num-turns", 1) > 1 else "sglang"  # multi-turn: chat only
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", backend, "--host", "127.0.0.1",
            "--port", str(srv.port), "--dataset-name", "generated-shared-prefix", "--tokenizer", str(model),
            *gsp, "--max-concurrency", str(scale.gsp_concurrency), "--request-rate", "inf",
            "--cache-report", "--disable-tqdm", "--seed", "1", "--output-file", str(out_file)]
     out_file.unlink(missing_ok=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=server_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_bench_serving_env())
     if proc.returncode != 0 or not out_file.exists():
         return {"error": f"bench_serving exited {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
     row = json.loads(out_file.read_text().strip().splitlines()[-1])
@@ -138,7 +171,7 @@ def run_gsp(srv: ServerProcess, model: Path, scale: Scale, out_file: Path, timeo
 
 def run_agent(srv: ServerProcess, model: Path, scale: Scale) -> dict[str, Any]:
     trace = build_agent_trace(scale.agent, load_tokenizer(model))
-    s = run_agent_trace(srv.base_url, trace, timeout_s=600).summary()
+    s = run_agent_trace(srv.base_url, trace, concurrency=scale.agent_concurrency, timeout_s=600).summary()
     return {
         "requests": s["requests"], "failed": s["failed"],
         "request_throughput": s["requests_per_s"], "output_tok_per_s": s["output_tok_per_s"],
@@ -193,7 +226,8 @@ def run_config(cfg: Config, model: Path, scale: Scale, dtype: str, out_dir: Path
         env["SGLANG_USE_CPU_ENGINE"] = "0"  # launcher.server_env() sets 1 for CPU runs
     say(f"{cfg.name}: starting server (--max-total-tokens {tokens})")
     row: dict[str, Any] = {"config": cfg.name, "max_total_tokens": tokens}
-    with ServerProcess(model, [*device_args, *cfg.args, *LOG_ARGS, "--enable-metrics"], max_total_tokens=tokens,
+    cap = ("--max-running-requests", str(scale.max_running_requests)) if scale.max_running_requests else ()
+    with ServerProcess(model, [*device_args, *cap, *cfg.args, *LOG_ARGS, "--enable-metrics"], max_total_tokens=tokens,
                        env=env, startup_timeout_s=600) as srv:
         (state,) = srv.request("/server_info")["internal_states"]
         row["capacity_tokens"] = state["memory_usage"]["token_capacity"]
@@ -220,6 +254,8 @@ def run_config(cfg: Config, model: Path, scale: Scale, dtype: str, out_dir: Path
                 res["fade"]["prometheus"] = prometheus_fade_gauges(srv)
             res["wall_s"] = round(time.perf_counter() - t0, 2)
             row[name] = res
+            if "error" in res:
+                say(f"{cfg.name}: {name} FAILED: {res['error'][-400:]}")
             say(f"{cfg.name}: {name} done in {res['wall_s']}s: "
                 + ", ".join(f"{k}={_short(res.get(k))}" for k in ("output_tok_per_s", "cache_hit_rate",
                                                                    "max_running_requests", "preempted_requests")))
@@ -238,15 +274,15 @@ def _short(v: Any) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     cols = ("config", "tokens", "MiB", "wl", "req/s", "out tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms",
             "hit", "max run", "preempt", "tier mix (tokens)")
-    lines = []
+    lines, notes = [], []
     for r in rows:
-        if "skipped" in r:
-            lines.append((r["config"], "-", "-", "-", f"skipped: {r['skipped']}"))
+        if "skipped" in r:  # listed under the table: a long reason would widen every column
+            notes.append(f"{r['config']}: skipped ({r['skipped']})")
             continue
         for wl in ("gsp", "agent"):
             w = r[wl]
             if "error" in w:
-                lines.append((r["config"], str(r["capacity_tokens"]), "", wl, f"error: {w['error'][:120]}"))
+                notes.append(f"{r['config']} {wl}: error: {w['error'][-300:]}")
                 continue
             mix = " ".join(f"{n}={t['tokens']}" for n, t in w["fade"]["tiers"].items()) if "fade" in w else "fp 100%"
             hit = "-" if w.get("cache_hit_rate") is None else f"{w['cache_hit_rate']:.0%}"
@@ -258,7 +294,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(c), *(len(l[i]) for l in lines if i < len(l))) for i, c in enumerate(cols)]
     out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     out += ["  ".join(v.ljust(w) for v, w in zip(l, widths)) for l in lines]
-    return "\n".join(out)
+    return "\n".join(out + notes)
 
 
 def _ms(v: Any) -> str:

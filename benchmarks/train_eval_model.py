@@ -312,14 +312,20 @@ def build_model(tokenizer, args: argparse.Namespace):
         max_position_embeddings=args.max_positions,
         rope_theta=args.rope_theta,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
+        tie_word_embeddings=not args.untie,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation="sdpa",
     )
     torch.manual_seed(args.seed)
-    return LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
+    if args.embed_std is not None:
+        # Large input embeddings keep token identity dominant in the residual stream, so
+        # a copying head can read which digit it attends to (with the default 0.02 the
+        # digits' identity is swamped by context features after a few layers).
+        torch.nn.init.normal_(model.model.embed_tokens.weight, std=args.embed_std)
+    return model
 
 
 def save(model, tokenizer, out: Path, meta: dict) -> None:
@@ -350,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--max-positions", type=int, default=2048)
     ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--untie", action="store_true", help="separate input/output embeddings")
+    ap.add_argument("--embed-std", type=float, default=None, help="input embedding init std")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -362,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-sup", type=float, default=1.0, help="weight of the attention-supervision loss (0: off)")
     ap.add_argument("--attn-sup-layer", type=int, default=-1)
     ap.add_argument("--attn-sup-heads", default="0", help="comma-separated query heads")
+    ap.add_argument("--ov-lr-mult", type=float, default=10.0, help="LR multiplier, supervised layer's v/o proj")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=16)
     ap.add_argument("--eval-length", type=int, default=1024)
@@ -387,11 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     # Held-out prompts use a seed stream disjoint from training's.
     heldout_long = heldout_passkey(tokenizer, args.eval_length, args.eval_n, seed=10_000 + args.seed)
 
-    decay, no_decay = [], []
+    # The supervised layer's value/output projections must grow large enough to write a
+    # digit against a residual stream that is already big; a higher LR there shortens
+    # that phase a lot.
+    sup_layer = args.attn_sup_layer % args.layers
+    fast = {f"model.layers.{sup_layer}.self_attn.v_proj.weight", f"model.layers.{sup_layer}.self_attn.o_proj.weight"}
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
+        wd = 0.0 if p.ndim < 2 else args.weight_decay
+        mult = args.ov_lr_mult if (args.attn_sup > 0 and name in fast) else 1.0
+        groups.setdefault((wd, mult), []).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": ps, "weight_decay": wd, "lr_mult": mult} for (wd, mult), ps in groups.items()],
         lr=args.lr, betas=(0.9, 0.95),
     )
     sup = None
@@ -410,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         length, batch = stage_at(curriculum, step / args.steps)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup) * g["lr_mult"]
         ids, w, amask, targets = make_batch(data_rng, tokenizer, length, batch, dcfg)
         logits = model(input_ids=ids).logits[:, :-1]
         tgt, wt, am = ids[:, 1:], w[:, 1:], amask[:, 1:]
@@ -432,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"step {step:5d} len {length:5d} loss {lm_loss.item():.3f} ans_loss {ans_loss:.3f} "
                 f"attn_sup {sup_loss.item():.3f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} tok/s {tok_log / max(now - t_log, 1e-9):.0f} "
+                f"lr {lr_at(step, args.steps, args.lr, args.warmup):.2e} tok/s {tok_log / max(now - t_log, 1e-9):.0f} "
                 f"elapsed {now - t_start:.0f}s",
                 flush=True,
             )

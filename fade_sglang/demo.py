@@ -28,6 +28,8 @@ from .workloads import (AgentTrace, AgentTraceSpec, TraceRun, TurnRecord, build_
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "fade-tiny-llama"
+# Random weights (capacity, speed, serving correctness), used when no trained model is shipped.
+GENERATED_MODEL = REPO_ROOT / ".cache" / "tiny-llama-random"
 FADE_ARGS = ("--kv-compression", "fade", "--attention-backend", "fade_torch")
 LOG_ARGS = ("--decode-log-interval", "1")
 REQUEST_TIMEOUT_S = 120.0  # a stuck server fails the demo in minutes, not hours  # every decode step logs #running-req / #queue-req
@@ -42,8 +44,8 @@ FULL_SPEC = AgentTraceSpec(sessions=12, turns=4, system_tokens=256, user_tokens=
 QUICK_SPEC = AgentTraceSpec(sessions=6, turns=3, system_tokens=128, user_tokens=24, tool_tokens=96,
                             output_tokens=16)
 FULL_BASE_TOKENS = 6144
-QUICK_BASE_TOKENS = 4096
-CONCURRENCY = 4
+QUICK_BASE_TOKENS = 6144
+CONCURRENCY = 3
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -91,6 +93,23 @@ def fade_tokens_for_bytes(geom: KVGeometry, preset: str, budget_bytes: int) -> t
     eff = effective_bytes_per_token(cfg.budget, per_tier)
     # The fp16 tier keeps one padding row (slot 0) like SGLang's pool: leave its bytes out.
     return math.floor((budget_bytes - per_tier[0]) / eff), eff
+
+
+def fp16_tier_shortfall(geom: KVGeometry, preset: str, budget_bytes: int, concurrency: int) -> str | None:
+    """Why fade's fp16 tier may be too small for ``concurrency`` requests in flight, or None.
+
+    Every running request keeps its sinks, its recent window and up to one demotion chunk in
+    fp16; when the tier cannot hold them all, SGLang keeps retracting requests.
+    """
+    from .config import FadeConfig
+
+    cfg = FadeConfig.from_preset(preset)
+    slots = int(budget_bytes * cfg.budget[0] / geom.full_bytes_per_token)
+    need = concurrency * (cfg.sink_tokens + cfg.recent_window + cfg.demote_chunk)
+    if slots >= need:
+        return None
+    return (f"fade's fp16 tier ({slots} slots) is smaller than {concurrency} requests x (sinks + recent window + "
+            f"demotion chunk) = {need}; use a larger --max-total-tokens or a lower --concurrency")
 
 
 # ----------------------------------------------------------------------------- phases
@@ -252,7 +271,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None,
-                   help=f"model directory (default: {DEFAULT_MODEL.relative_to(REPO_ROOT)} in the repository)")
+                   help=f"model directory (default: {DEFAULT_MODEL.relative_to(REPO_ROOT)} in the repository if "
+                        f"present, else a seeded random tiny Llama built in {GENERATED_MODEL.relative_to(REPO_ROOT)})")
     p.add_argument("--preset", default="balanced", help="fade preset: safe, balanced (default) or aggressive")
     p.add_argument("--max-total-tokens", type=int, default=None,
                    help=f"token budget of the fp16 baseline; fade gets the same bytes "
@@ -268,12 +288,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def resolve_model(arg: str | None) -> Path:
+def resolve_model(arg: str | None, say: Callable[[str], None] = lambda _: None) -> Path:
+    """The given model, else the shipped trained model, else a seeded random tiny Llama built locally."""
+    if arg is None and not (DEFAULT_MODEL / "config.json").is_file():
+        if not (GENERATED_MODEL / "config.json").is_file():
+            from .tiny_model import build_tiny_llama
+
+            say(f"no trained model in {DEFAULT_MODEL}: building the seeded random tiny Llama in {GENERATED_MODEL}")
+            build_tiny_llama(GENERATED_MODEL)
+        return GENERATED_MODEL.resolve()
     path = DEFAULT_MODEL if arg is None else Path(arg).expanduser()
     if not (path / "config.json").is_file():
-        hint = (" (the embedded tiny model ships there; pass --model-path DIR to use another model)"
-                if arg is None else "")
-        raise DemoError(f"model directory {path} not found or has no config.json{hint}")
+        raise DemoError(f"model directory {path} not found or has no config.json")
     return path.resolve()
 
 
@@ -282,8 +308,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.preset not in PRESETS:
         raise DemoError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
-    model = resolve_model(args.model_path)
     say = _progress(args.quiet)
+    model = resolve_model(args.model_path, say)
     spec = QUICK_SPEC if args.quick else FULL_SPEC
     spec = AgentTraceSpec(**{**asdict(spec), **{k: v for k, v in (("sessions", args.sessions),
                                                                    ("turns", args.turns)) if v}})
@@ -292,6 +318,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     fade_tokens, eff = fade_tokens_for_bytes(geom, args.preset, geom.baseline_pool_bytes(base_tokens))
     say(f"model {model}: {geom.full_bytes_per_token} B/token full precision; fade {args.preset}: {eff:.0f} B/token "
         f"-> {base_tokens} vs {fade_tokens} tokens in the same bytes")
+    short = fp16_tier_shortfall(geom, args.preset, geom.baseline_pool_bytes(base_tokens), args.concurrency)
+    if short:
+        say(f"warning: {short}")
     trace = build_agent_trace(spec, load_tokenizer(model))
     say(f"workload: {spec.sessions} sessions x {spec.turns} turns, shared system prompt {spec.system_tokens} tok, "
         f"final context {spec.final_context_tokens()} tok, {spec.unique_tokens()} unique KV tokens")

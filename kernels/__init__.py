@@ -128,6 +128,16 @@ def _check_view(view: TieredLayerKV, device: torch.device | None = None) -> tupl
     return heads, head_dim
 
 
+def _check_q_and_view(q: torch.Tensor, view: TieredLayerKV, device: torch.device) -> tuple[int, int]:
+    kv_heads, head_dim = _check_view(view, device)
+    _check_tensor("q", q, device, 3, _FLOAT_DTYPES)
+    if q.shape[2] != head_dim:
+        _fail(f"q head_dim {q.shape[2]} != KV head_dim {head_dim}")
+    if q.shape[1] % kv_heads:
+        _fail(f"q heads ({q.shape[1]}) must be a multiple of KV heads ({kv_heads})")
+    return kv_heads, head_dim
+
+
 def _check_indptr(name: str, t: torch.Tensor, device: torch.device, entries: int | None = None) -> None:
     _check_tensor(name, t, device, 1, _INDEX_DTYPES, inner_contiguous=False)
     if not t.is_contiguous():
@@ -190,13 +200,8 @@ def decode_attention(q: torch.Tensor, view: TieredLayerKV, kv_indptr: torch.Tens
     ``B`` rows and ``num_kv_splits`` splits (CUDA graphs).
     """
     device = view.k_fp16.device
-    kv_heads, head_dim = _check_view(view, device)
-    _check_tensor("q", q, device, 3, _FLOAT_DTYPES)
+    kv_heads, head_dim = _check_q_and_view(q, view, device)
     batch, q_heads = q.shape[0], q.shape[1]
-    if q.shape[2] != head_dim:
-        _fail(f"q head_dim {q.shape[2]} != KV head_dim {head_dim}")
-    if q_heads % kv_heads:
-        _fail(f"q heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
     _check_indptr("kv_indptr", kv_indptr, device, batch + 1)
     _check_indptr("kv_indices", kv_indices, device)
     out = _check_out(out, (batch, q_heads, head_dim), device, q.dtype)
@@ -237,13 +242,8 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     ``max_extend_len``: longest new chunk (host int; computed with one device sync when omitted).
     """
     device = view.k_fp16.device
-    kv_heads, head_dim = _check_view(view, device)
-    _check_tensor("q", q, device, 3, _FLOAT_DTYPES)
+    kv_heads, head_dim = _check_q_and_view(q, view, device)
     tokens, q_heads = q.shape[0], q.shape[1]
-    if q.shape[2] != head_dim:
-        _fail(f"q head_dim {q.shape[2]} != KV head_dim {head_dim}")
-    if q_heads % kv_heads:
-        _fail(f"q heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         _check_tensor(name, t, device, 3, _FLOAT_DTYPES)
         if tuple(t.shape) != (tokens, kv_heads, head_dim):

@@ -21,6 +21,8 @@ import logging
 import time
 from typing import Any, Callable
 
+from fade_sglang.pool.layout import Tier
+
 logger = logging.getLogger("fade_sglang")
 
 RADIX_BACKEND_NAME = "fade"
@@ -38,6 +40,7 @@ class FadeSchedulerState:
         self.last_idle_demote = 0.0
         self.demotion_passes = 0
         self.demotion_errors = 0
+        self.pressure_demotions = 0  # passes that shrank the recent window to keep decoding
 
 
 # ----------------------------------------------------------------------------- radix cache
@@ -116,6 +119,23 @@ def _reqs_to_demote(running_batch: Any, last_batch: Any) -> list[Any]:
     return reqs
 
 
+def _relieve_fp16_pressure(scheduler: Any, tree: Any, reqs: list[Any], state: FadeSchedulerState) -> None:
+    """Shrink the recent windows when the next decode step would not find an fp16 slot per request.
+
+    Without this, requests whose prompts + windows fill the fp16 tier can never grow (nothing
+    they hold may be demoted) and SGLang retracts them forever. Prompt tokens become eligible
+    and the window halves down to 0: precision of the newest tokens traded for progress.
+    """
+    pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+    need = 2 * len(reqs)  # this step's tokens plus headroom for the next
+    window = state.cfg.recent_window
+    while pool.available(Tier.FP16) < need and window > 0:
+        window //= 2
+        if tree.demote_running(reqs, scheduler.req_to_token_pool, recent_window=window, demote_chunk=1,
+                               include_prompt=True):
+            state.pressure_demotions += 1
+
+
 def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
     state: FadeSchedulerState = scheduler._fade_state
     tree = scheduler.tree_cache
@@ -126,6 +146,7 @@ def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
             if reqs:
                 tree.demote_running(reqs, scheduler.req_to_token_pool)
                 state.demotion_passes += 1
+                _relieve_fp16_pressure(scheduler, tree, reqs, state)
         if hasattr(tree, "demote_idle") and now - state.last_idle_demote >= _IDLE_DEMOTE_PERIOD_S:
             state.last_idle_demote = now
             tree.demote_idle(now)

@@ -43,6 +43,7 @@ def collect_stats(scheduler: Any) -> dict[str, Any]:
     if state is not None:
         stats["demotion_passes"] = state.demotion_passes
         stats["demotion_errors"] = state.demotion_errors
+        stats["pressure_demotions"] = state.pressure_demotions
     stats["config"] = pool.fade_config.to_dict()
     return stats
 

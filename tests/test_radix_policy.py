@@ -157,10 +157,11 @@ def test_demote_running_rewrites_row_and_exclusive_nodes_only() -> None:
     shared_node = b.lock.node.parent
     assert shared_node.lock_ref == 2
     shared_before = shared_node.value.clone()
-    moved = sim.cache.demote_running([a, b], sim.rtp)
-    # a: only its tokens past the shared prompt and outside sinks/recent window could move (none: 3 < chunk).
-    # b: its exclusive node [20, 25) and its own tail [25, 29) move; the recent 4 stay.
-    assert moved == 9
+    # By default only generated tokens move: b's tail [25, 29) (its prompt is left to the radix policy).
+    assert sim.cache.demote_running([a, b], sim.rtp) == 4
+    # Under fp16 pressure prompt tokens go too. a: nothing past the shared prompt and outside the
+    # sinks / recent window (3 < chunk). b: its exclusive prompt node [20, 25); the recent 4 stay.
+    assert sim.cache.demote_running([a, b], sim.rtp, include_prompt=True) == 5
     assert torch.equal(shared_node.value, shared_before)
     row = sim.rtp.req_to_token[b.kv.req_pool_idx, :b.kv.kv_committed_len].to(torch.int64)
     tiers = sim.pool.tier_of(row).tolist()

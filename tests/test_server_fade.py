@@ -32,7 +32,7 @@ FADE_TOKENS = 4 * BASE_TOKENS  # 4x the tokens of the baseline, still in fewer K
 FADE_ARGS = ["--kv-compression", "fade", "--attention-backend", "fade_torch"]
 SMALL_WINDOW_ARGS = FADE_ARGS + [
     "--fade-sink-tokens", "4", "--fade-recent-window", "16",
-    "--fade-set", "warm_idle_seconds=0.5", "--fade-set", "cold_idle_seconds=2",
+    "--fade-set", "warm_idle_seconds=2", "--fade-set", "cold_idle_seconds=4",
     "--fade-set", "stats_interval_seconds=2",
     # Small demotion chunks keep running requests' fp16 footprint near sinks + window;
     # a high hit threshold keeps only the system prompt (hit by every turn of every session) "hot".
@@ -178,7 +178,7 @@ def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerPr
         # Cache the prompt, let it idle into the packed tiers, then score the continuation through it.
         _flush(fade_small)
         fade_small.generate(input_ids=ids, max_new_tokens=1)
-        time.sleep(1.0)  # > warm_idle_seconds, < cold_idle_seconds
+        time.sleep(2.5)  # > warm_idle_seconds, < cold_idle_seconds
         tree = _stats(fade_small)["radix"]["tree_tokens"]
         assert tree["warm"] >= 30, tree
         full = ids + want
@@ -200,20 +200,18 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
     for srv in (fade_small, fade_triton):
         _flush(srv)
         srv.generate(input_ids=ids, max_new_tokens=1)
-        time.sleep(1.0)
+        time.sleep(2.5)
         assert _stats(srv)["radix"]["tree_tokens"]["warm"] >= 30
         agreement.append(_teacher_forced_top1(srv, ids + cont, len(ids) - 1))
     same = sum(a == b for a, b in zip(*agreement)) / len(cont)
-    got = fade_triton.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
-    print(f"\ntriton vs torch: teacher-forced top-1 agreement {same:.3f}; free-running match "
-          f"{sum(a == b for a, b in zip(got, cont)) / len(cont):.3f}")
+    print(f"\ntriton vs torch: teacher-forced top-1 agreement {same:.3f}")
     assert same >= 0.95
     assert _stats(fade_triton)["demotion_errors"] == 0
 
 
 def test_prometheus_gauges_follow_the_tiers(fade_small: ServerProcess, tokenizer: Any) -> None:
     fade_small.generate(input_ids=_ids(tokenizer, 48, 11), max_new_tokens=8)
-    time.sleep(2.5)  # the gauges refresh about once a second from the scheduler loop
+    time.sleep(2.0)  # the gauges refresh about once a second from the scheduler loop
     fade_small.generate(input_ids=_ids(tokenizer, 8, 12), max_new_tokens=2)
     with urllib.request.urlopen(fade_small.base_url + "/metrics", timeout=30) as resp:
         text = resp.read().decode()
@@ -244,7 +242,10 @@ def test_multi_turn_sessions_share_prefix_and_age(fade_small: ServerProcess, tok
     initial = _stats(fade_small)
     assert initial["tokens"] == 0
     system = _ids(tokenizer, 48, 99)
-    fade_small.generate(input_ids=system, max_new_tokens=1)  # warm the shared system prompt
+    # Warm the system prompt first: requests that all start cold each demote their own copy of
+    # it while they run (nobody can know yet that it will be shared), and the tree keeps the first
+    # finisher's copy. Sessions then lock the cached node well within warm_idle_seconds.
+    fade_small.generate(input_ids=system, max_new_tokens=1)
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda s: _session(fade_small, tokenizer, system, s), range(8)))
     for metas in results:
@@ -253,7 +254,7 @@ def test_multi_turn_sessions_share_prefix_and_age(fade_small: ServerProcess, tok
             assert meta["finish_reason"]["type"] == "length"
             assert meta["cached_tokens"] >= len(system) - 1  # at least the system prompt came from the tree
 
-    time.sleep(4)  # > cold_idle_seconds: idle branches age fp16 -> int4 -> int2
+    time.sleep(5)  # > cold_idle_seconds: idle branches age fp16 -> int4 -> int2
     fade_small.generate(input_ids=[5, 6, 7], max_new_tokens=1)  # one more step so the scheduler runs demote_idle
     stats = _stats(fade_small)
     tree = stats["radix"]["tree_tokens"]

@@ -36,10 +36,19 @@ class RunningDemoter:
     def __init__(self, cache: "TieredRadixCache"):
         self.cache = cache
 
-    def demote(self, reqs: list[Any], req_to_token_pool: Any) -> int:
+    def demote(self, reqs: list[Any], req_to_token_pool: Any, recent_window: int | None = None,
+               demote_chunk: int | None = None, include_prompt: bool = False) -> int:
+        """Demote generated tokens older than the window; ``include_prompt`` also takes prompt tokens.
+
+        Prompt tokens are normally left to the radix policy, which sees sharing: a system prompt
+        demoted by its first request would reach the tree already quantized. Under fp16 pressure
+        the scheduler passes a smaller ``recent_window`` / ``demote_chunk`` and ``include_prompt``.
+        """
         cache, cfg, pool = self.cache, self.cache.fade_config, self.cache.pool
+        window = cfg.recent_window if recent_window is None else recent_window
+        chunk = cfg.demote_chunk if demote_chunk is None else demote_chunk
         rows = req_to_token_pool.req_to_token
-        plans = [p for p in (self._plan(r, rows) for r in reqs) if p is not None]
+        plans = [p for p in (self._plan(r, rows, window, chunk, include_prompt) for r in reqs) if p is not None]
         want = sum(p.positions.numel() for p in plans)
         if want == 0:
             return 0
@@ -50,7 +59,7 @@ class RunningDemoter:
         chosen: list[_Plan] = []
         for plan in plans:
             take = min(plan.positions.numel(), room)
-            if take < cfg.demote_chunk:
+            if take < chunk:
                 break
             plan.positions = plan.positions[:take]  # oldest positions first
             chosen.append(plan)
@@ -70,13 +79,15 @@ class RunningDemoter:
         return slots.numel()
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, req: Any, rows: torch.Tensor) -> _Plan | None:
+    def _plan(self, req: Any, rows: torch.Tensor, window: int, chunk: int, include_prompt: bool) -> _Plan | None:
         cfg, pool = self.cache.fade_config, self.cache.pool
         kv = req.kv
         if kv.req_pool_idx is None:
             return None
-        lo, hi = cfg.sink_tokens, kv.kv_committed_len - cfg.recent_window
-        if hi - lo < cfg.demote_chunk:
+        lo, hi = cfg.sink_tokens, kv.kv_committed_len - window
+        if not include_prompt:
+            lo = max(lo, len(req.origin_input_ids))
+        if hi - lo < chunk:
             return None
         path, tree_len = self._path(req)
         row = rows[kv.req_pool_idx, :max(hi, tree_len)].to(torch.int64)
@@ -89,7 +100,7 @@ class RunningDemoter:
             tree_ok[s:e] = True
         eligible &= tree_ok[:hi]
         positions = torch.nonzero(eligible).reshape(-1)
-        if positions.numel() < cfg.demote_chunk:
+        if positions.numel() < chunk:
             return None
         return _Plan(req, kv.req_pool_idx, positions, spans)
 

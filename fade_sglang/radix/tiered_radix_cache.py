@@ -158,15 +158,20 @@ class TieredRadixCache(RadixCache):
         self.update_eviction_metrics(freed, start_time)
         return EvictResult(num_tokens_evicted=freed)
 
-    def demote_running(self, reqs: Iterable[Any], req_to_token_pool: Any | None = None) -> int:
-        """Demote running requests' fp16 tokens in [sink_tokens, seq_len - recent_window) to warm.
+    def demote_running(self, reqs: Iterable[Any], req_to_token_pool: Any | None = None,
+                       recent_window: int | None = None, demote_chunk: int | None = None,
+                       include_prompt: bool = False) -> int:
+        """Demote running requests' generated fp16 tokens older than the recent window to warm.
 
-        Rewrites each request's ``req_to_token`` row and the tree nodes locked by that
-        request alone; returns tokens moved. Between scheduler steps only.
+        Positions below ``sink_tokens`` never move; prompt positions only with ``include_prompt``
+        (fp16 pressure: cached prompts are otherwise aged by the radix policy, which sees sharing).
+        Rewrites each request's ``req_to_token`` row and the tree nodes locked by that request
+        alone; returns tokens moved. Between scheduler steps only.
         """
         if self.disable or not self.fade_config.demote_running or not self._tier_enabled(Tier.WARM):
             return 0
-        return self._running.demote(list(reqs), req_to_token_pool or self.req_to_token_pool)
+        return self._running.demote(list(reqs), req_to_token_pool or self.req_to_token_pool,
+                                    recent_window, demote_chunk, include_prompt)
 
     # ------------------------------------------------------------------ demote-before-evict helpers
     def _make_fp16_room(self, want: int) -> int:
