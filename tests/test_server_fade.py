@@ -97,6 +97,18 @@ def _stats(srv: ServerProcess) -> dict[str, Any]:
     return stats
 
 
+def _wait_demoted_prefix(srv: ServerProcess, min_warm: int, timeout_s: float = 10.0) -> None:
+    """Idle demotion runs in the scheduler loop, which turns only when something arrives: poll
+    (each stats request is one loop turn; its reply may predate that turn's demotion)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tree = _stats(srv)["radix"]["tree_tokens"]
+        if tree["warm"] >= min_warm or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert tree["warm"] >= min_warm, tree
+
+
 def _flush(srv: ServerProcess) -> None:
     with urllib.request.urlopen(srv.base_url + "/flush_cache", data=b"", timeout=60) as resp:
         assert resp.status == 200, resp.read()
@@ -179,8 +191,7 @@ def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerPr
         _flush(fade_small)
         fade_small.generate(input_ids=ids, max_new_tokens=1)
         time.sleep(2.5)  # > warm_idle_seconds, < cold_idle_seconds
-        tree = _stats(fade_small)["radix"]["tree_tokens"]
-        assert tree["warm"] >= 30, tree
+        _wait_demoted_prefix(fade_small, 30)
         full = ids + want
         preds = _teacher_forced_top1(fade_small, full, len(ids) - 1)
         agreement.append(sum(p == t for p, t in zip(preds, full[len(ids):])) / len(want))
@@ -201,7 +212,7 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
         _flush(srv)
         srv.generate(input_ids=ids, max_new_tokens=1)
         time.sleep(2.5)
-        assert _stats(srv)["radix"]["tree_tokens"]["warm"] >= 30
+        _wait_demoted_prefix(srv, 30)
         agreement.append(_teacher_forced_top1(srv, ids + cont, len(ids) - 1))
     same = sum(a == b for a, b in zip(*agreement)) / len(cont)
     print(f"\ntriton vs torch: teacher-forced top-1 agreement {same:.3f}")
