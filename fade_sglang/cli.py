@@ -1,4 +1,5 @@
-"""``fade-sglang`` console script: ``demo`` (fp16 vs fade side by side), ``fidelity`` (quantizer report)."""
+"""``fade-sglang`` console script: ``demo`` (fp16 vs fade side by side), ``quality`` (evaluation through
+the compressed cache), ``fidelity`` (quantizer report)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Callable, Sequence
 
 SUBCOMMANDS = {
     "demo": "start fp16 and fade SGLang servers under the same KV byte budget and compare them",
+    "quality": "passkey / greedy match / NLL through the compressed cache vs fp16 and eviction (python -m fade_sglang.quality)",
     "fidelity": "quantization error report of the KV formats (same as python -m fade_sglang.fidelity)",
 }
 
@@ -18,6 +20,10 @@ def _entry(command: str) -> Callable[[list[str]], int]:
         from .demo import main as demo_main
 
         return demo_main
+    if command == "quality":
+        from .quality import main as quality_main
+
+        return quality_main
     from .fidelity import main as fidelity_main
 
     return fidelity_main

@@ -54,6 +54,11 @@ class FadeConfig:
     warm_idle_seconds: float = 5.0  # unlocked radix branches idle this long go fp16 -> warm
     cold_idle_seconds: float = 60.0  # ... and warm -> cold
     eviction: bool = True  # evict coldest lowest-tier leaves, only after demotion is exhausted
+    idle_recent_tokens: int = 0  # idle demotion leaves the last N tokens of every branch in fp16
+    # Evaluation baseline, not a compression mode: demoted tokens are dropped from attention
+    # instead of read back, so with sinks + idle_recent_tokens it is StreamingLLM-style
+    # eviction of idle branches; stats count only the fp16 tokens as stored.
+    evict_instead_of_demote: bool = False
     stats_interval_seconds: float = 30.0  # period of the tier-stats log line (0 = off)
 
     def __post_init__(self) -> None:
@@ -67,7 +72,8 @@ class FadeConfig:
 
         if self.preset not in PRESETS and self.preset != "custom":
             raise FadeConfigError(f"fade config: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
-        for knob in ("sink_tokens", "recent_window", "shared_prefix_min_hits", "demote_chunk", "rotation_seed"):
+        for knob in ("sink_tokens", "recent_window", "shared_prefix_min_hits", "demote_chunk", "rotation_seed",
+                     "idle_recent_tokens"):
             v = getattr(self, knob)
             need(isinstance(v, int) and not isinstance(v, bool), knob, f"must be an integer, got {v!r}")
             need(v >= 0, knob, f"must be >= 0, got {v}")
@@ -80,7 +86,8 @@ class FadeConfig:
             v = getattr(self, knob)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, knob, f"must be a positive integer, got {v!r}")
             need(v & (v - 1) == 0, knob, f"must be a power of two, got {v}")
-        for knob in ("rotation", "center_keys", "clip_search", "demote_running", "eviction"):
+        for knob in ("rotation", "center_keys", "clip_search", "demote_running", "eviction",
+                     "evict_instead_of_demote"):
             need(isinstance(getattr(self, knob), bool), knob, f"must be true or false, got {getattr(self, knob)!r}")
         for knob in ("warm_idle_seconds", "cold_idle_seconds", "stats_interval_seconds"):
             v = getattr(self, knob)

@@ -437,7 +437,8 @@ _DIGITS_RE = re.compile(r"\d+")
 
 def score_answer(generated: str, answer: str) -> bool:
     """Exact match of the first run of digits in the model's continuation."""
-    m = _DIGITS_RE.search(generated)
+    # Word-level tokenizers decode digits space-separated ("7 1 4 3 2 ."): join them first.
+    m = _DIGITS_RE.search(re.sub(r"(?<=\d)\s+(?=\d)", "", generated))
     return m is not None and m.group(0) == answer
 
 

@@ -116,6 +116,14 @@ def tail(path: str | os.PathLike, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+_PORT_RETRIES = 2
+
+
+def _lost_port_race(log_path: Path) -> bool:
+    text = tail(log_path, 200).lower()
+    return "address already in use" in text or "error while attempting to bind" in text
+
+
 class ServerStartupError(RuntimeError):
     pass
 
@@ -156,6 +164,25 @@ class ServerProcess:
 
     # -- lifecycle
     def start(self) -> "ServerProcess":
+        # free_port() cannot reserve the port: another process may take it before the
+        # server binds. Such a start is retried on a fresh port; other failures are not.
+        for attempt in range(_PORT_RETRIES + 1):
+            self._spawn()
+            try:
+                self._wait_ready()
+                return self
+            except ServerStartupError:
+                self.stop()
+                if attempt == _PORT_RETRIES or not _lost_port_race(self.log_path):
+                    raise
+                self.port = free_port()
+                self.base_url = f"http://127.0.0.1:{self.port}"
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def _spawn(self) -> None:
         cmd = launch_command(self.model_path, self.port, self.extra_args, self.max_total_tokens,
                              self.attention_backend)
         with open(self.log_path, "wb") as log:
@@ -163,12 +190,6 @@ class ServerProcess:
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=server_env(self.extra_env), start_new_session=True,  # own group: killpg reaches every child
             )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -210,6 +231,13 @@ class ServerProcess:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read().decode())
+
+    def flush_cache(self) -> None:
+        """POST /flush_cache (empties the radix cache; refused by SGLang while requests run)."""
+        req = urllib.request.Request(self.base_url + "/flush_cache", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"/flush_cache failed: {resp.status} {resp.read()[:200]!r}")
 
     def generate(
         self,

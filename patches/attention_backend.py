@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from fade_sglang.pool.layout import Tier
 from fade_sglang.pool.view import TieredLayerKV
 
 logger = logging.getLogger("fade_sglang")
@@ -72,6 +73,7 @@ class FadeAttnBackend(AttentionBackend):
             raise ValueError(f"--attention-backend {self.name} needs --kv-compression fade "
                              f"(the KV pool is a {type(self.pool).__name__})")
         self.forward_metadata: Optional[_Metadata] = None
+        self.drop_packed = self.pool.fade_config.evict_instead_of_demote
         logger.info("[fade] attention backend %s (%s)", self.name,
                     "Triton mixed-tier kernels" if use_triton else "torch reference")
 
@@ -88,6 +90,8 @@ class FadeAttnBackend(AttentionBackend):
         # Row-major mask keeps each request's slots contiguous in kv_indices.
         mask = torch.arange(rows.shape[1], device=rows.device)[None, :] < kv_lens[:, None]
         kv_indices = rows[mask].to(torch.int64)
+        if self.drop_packed:
+            kv_indptr, kv_indices = self._keep_fp16_only(kv_lens, kv_indices)
         qo_indptr = None if mode.is_decode() else _indptr(forward_batch.extend_seq_lens.to(torch.int64))
         partition = max_extend_len = None
         if self.use_triton:  # one tier partition per step, shared by every layer
@@ -98,6 +102,13 @@ class FadeAttnBackend(AttentionBackend):
                 lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
                 max_extend_len = max(lens) if lens else None
         self.forward_metadata = _Metadata(kv_indptr, kv_indices, qo_indptr, partition, max_extend_len)
+
+    def _keep_fp16_only(self, kv_lens: torch.Tensor, kv_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eviction baseline (``evict_instead_of_demote``): attention skips every packed slot."""
+        keep = self.pool.tier_of(kv_indices) == Tier.FP16
+        owner = torch.repeat_interleave(torch.arange(kv_lens.numel(), device=kv_lens.device), kv_lens)
+        kept_lens = torch.zeros_like(kv_lens).index_add_(0, owner[keep], torch.ones_like(owner[keep]))
+        return _indptr(kept_lens), kv_indices[keep]
 
     def _decode(self, q: torch.Tensor, view: TieredLayerKV, md: _Metadata, scale: float) -> torch.Tensor:
         if self.use_triton:

@@ -71,6 +71,22 @@ def test_shared_prefixes_stay_fp16() -> None:
     sim.check()
 
 
+def test_idle_recent_tokens_keep_each_branch_tail_fp16() -> None:
+    """The last N tokens of a branch's root path stay fp16, also when that tail spans two nodes."""
+    sim = Sim(small_config(sink_tokens=2, idle_recent_tokens=6, shared_prefix_min_hits=0))
+    long = list(range(400, 420))
+    insert(sim, long)
+    insert(sim, long[:16] + [7, 8, 9])  # splits `long` at 16: a shared parent and two leaves
+    other = list(range(500, 512))
+    insert(sim, other[:9])
+    insert(sim, other)  # extends the same branch: nodes [0, 9) and [9, 12)
+    sim.cache.demote_idle(time.monotonic() + LATER)
+    # Shared parent stays fp16 whole; each 3-4 token leaf is inside its 6-token tail.
+    assert tiers_of(sim, long) == [Tier.FP16] * 20
+    assert tiers_of(sim, other) == [Tier.FP16] * 2 + [Tier.COLD] * 4 + [Tier.FP16] * 6
+    sim.check()
+
+
 def test_locked_nodes_are_never_demoted_or_evicted() -> None:
     sim = Sim(small_config(sink_tokens=0))
     req = sim.start(list(range(400, 430)))

@@ -278,9 +278,16 @@ class TieredKVPool(MHATokenToKVPool):
                              self.layout.warm_base, self.layout.cold_base, self.rotation, self.k_center[l])
 
     # ------------------------------------------------------------------ accounting
+    def held_bytes_per_token(self, tier: Tier) -> int:
+        """Bytes a held token of ``tier`` counts for: 0 for packed tiers in the eviction
+        baseline (``evict_instead_of_demote``), whose attention never reads them."""
+        if tier != Tier.FP16 and self.fade_config.evict_instead_of_demote:
+            return 0
+        return self.tier_bytes[tier]
+
     def compressed_storage_bytes(self) -> int:
         """Bytes that the tokens currently held occupy (used slots x exact per-tier bytes/token)."""
-        return sum(self.used(t) * self.tier_bytes[t] for t in Tier)
+        return sum(self.used(t) * self.held_bytes_per_token(t) for t in Tier)
 
     def effective_bytes_per_token(self) -> float:
         return effective_bytes_per_token(self.fade_config.budget, self.tier_bytes)
@@ -291,7 +298,7 @@ class TieredKVPool(MHATokenToKVPool):
         for t in Tier:
             used = self.used(t)
             tiers[names[t]] = {"capacity": self.layout.capacity(t), "used": used, "free": self.available(t),
-                               "bytes_per_token": self.tier_bytes[t], "used_bytes": used * self.tier_bytes[t]}
+                               "bytes_per_token": self.tier_bytes[t], "used_bytes": used * self.held_bytes_per_token(t)}
         tokens = sum(v["used"] for v in tiers.values())
         stored = self.compressed_storage_bytes()
         return {

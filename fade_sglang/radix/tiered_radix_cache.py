@@ -91,14 +91,15 @@ class TieredRadixCache(RadixCache):
             if n:
                 self.demoted[(reason, f"{_TIER_KEYS[src]}->{_TIER_KEYS[dst]}")] += n
 
-    def _pick(self, views: Iterable[NodeView], srcs: tuple[int, ...], budget: int) -> list[tuple[TreeNode, torch.Tensor]]:
+    def _pick(self, views: Iterable[NodeView], srcs: tuple[int, ...], budget: int,
+              recent: int = 0) -> list[tuple[TreeNode, torch.Tensor]]:
         """Greedily take movable positions of ``views`` (already ordered coldest first) up to ``budget``."""
         picks: list[tuple[TreeNode, torch.Tensor]] = []
         sink = self.fade_config.sink_tokens
         for view in views:
             if budget <= 0:
                 break
-            pos = movable_positions(view, self.pool.tier_of(view.node.value), sink, srcs)[:budget]
+            pos = movable_positions(view, self.pool.tier_of(view.node.value), sink, srcs, recent)[:budget]
             if pos.numel():
                 picks.append((view.node, pos))
                 budget -= pos.numel()
@@ -120,20 +121,22 @@ class TieredRadixCache(RadixCache):
 
         Idle >= cold_idle_seconds: fp16/warm -> cold (fp16 goes straight to cold: one quantization);
         idle >= warm_idle_seconds: fp16 -> warm. Bounded by free room in the target tier, coldest first.
+        The last ``idle_recent_tokens`` of every branch stay where they are.
         """
         if self.disable:
             return 0
         cfg = self.fade_config
+        recent = cfg.idle_recent_tokens
         now = time.monotonic() if now is None else now
         order = sorted(iter_candidates(self._views()), key=lambda v: v.node.last_access_time)
         moved = 0
         if self._tier_enabled(Tier.COLD):  # cold first: it frees warm room the warm pass can use
             cold = [v for v in order if now - v.node.last_access_time >= cfg.cold_idle_seconds]
-            moved += self._apply_demotion(self._pick(cold, (Tier.FP16, Tier.WARM), self.pool.available(Tier.COLD)),
-                                          Tier.COLD, "idle")
+            moved += self._apply_demotion(self._pick(cold, (Tier.FP16, Tier.WARM), self.pool.available(Tier.COLD),
+                                                     recent), Tier.COLD, "idle")
         if self._tier_enabled(Tier.WARM):
             warm = [v for v in order if now - v.node.last_access_time >= cfg.warm_idle_seconds]
-            moved += self._apply_demotion(self._pick(warm, (Tier.FP16,), self.pool.available(Tier.WARM)),
+            moved += self._apply_demotion(self._pick(warm, (Tier.FP16,), self.pool.available(Tier.WARM), recent),
                                           Tier.WARM, "idle")
         return moved
 
