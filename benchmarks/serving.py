@@ -181,11 +181,6 @@ def run_agent(srv: ServerProcess, model: Path, scale: Scale) -> dict[str, Any]:
     }
 
 
-def _flush(srv: ServerProcess) -> None:
-    with urllib.request.urlopen(srv.base_url + "/flush_cache", data=b"", timeout=60):
-        pass
-
-
 def fade_summary(stats: dict[str, Any]) -> dict[str, Any]:
     """The fade tier stats worth a benchmark row (from ``GET /fade/stats``)."""
     radix = stats.get("radix", {})
@@ -234,7 +229,7 @@ def run_config(cfg: Config, model: Path, scale: Scale, dtype: str, out_dir: Path
         row["server_kvcache_gb"] = state["memory_usage"]["kvcache"]
         fade = cfg.fade_preset is not None
         if fade:
-            stats = srv.request("/fade/stats")["schedulers"][0]
+            stats = srv.fade_stats()
             row["pool_bytes"] = stats["pool_bytes"]
         else:
             # SGLang's buffers: (tokens + 1) rows (slot 0 pads) of K and V per layer, at the KV dtype.
@@ -250,7 +245,7 @@ def run_config(cfg: Config, model: Path, scale: Scale, dtype: str, out_dir: Path
             log, offset = _log_slice(srv, offset)
             res.update(scheduler_log_summary(log))
             if fade:
-                res["fade"] = fade_summary(srv.request("/fade/stats")["schedulers"][0])
+                res["fade"] = fade_summary(srv.fade_stats())
                 res["fade"]["prometheus"] = prometheus_fade_gauges(srv)
             res["wall_s"] = round(time.perf_counter() - t0, 2)
             row[name] = res
@@ -259,7 +254,7 @@ def run_config(cfg: Config, model: Path, scale: Scale, dtype: str, out_dir: Path
             say(f"{cfg.name}: {name} done in {res['wall_s']}s: "
                 + ", ".join(f"{k}={_short(res.get(k))}" for k in ("output_tok_per_s", "cache_hit_rate",
                                                                    "max_running_requests", "preempted_requests")))
-            _flush(srv)
+            srv.flush_cache()
     row["log_path"] = str(srv.log_path)
     return row
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from fade_sglang import evaldata  # noqa: E402
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # Llama convention: bos=1, eos=2
-COPY_FRACTION = 0.25  # share of copy documents (a passage and its repeat)
+COPY_FRACTION = 0.25  # share of copy documents (random tokens repeated verbatim)
 
 
 def build_tokenizer(seed: int):  # -> PreTrainedTokenizerFast
@@ -94,8 +94,7 @@ def copy_document(rng: random.Random, tok, length: int) -> tuple[list[int], list
     words = [i for t, i in tok.get_vocab().items() if t not in SPECIAL_TOKENS]
     period = [rng.choice(words) for _ in range(rng.randint(8, 48))]
     ids = [tok.bos_token_id] + (period * (length // len(period) + 1))[: length - 1]
-    weights = [1.0] * (1 + len(period)) + [1.0] * (length - 1 - len(period))
-    return ids, weights[:length]
+    return ids, [1.0] * length
 
 
 def training_document(rng: random.Random, tok, length: int, answer_weight: float,

@@ -159,7 +159,7 @@ def run_phase(name: str, model: Path, extra_args: Sequence[str], tokens: int, tr
         run = run_agent_trace(srv.base_url, trace, concurrency=concurrency, replay=replay, on_turn=on_turn,
                               on_wave=on_wave, timeout_s=REQUEST_TIMEOUT_S)
         state = _server_state(srv)
-        fade_stats = srv.request("/fade/stats")["schedulers"][0] if fade else None
+        fade_stats = srv.fade_stats() if fade else None
         log = srv.log_text()
     say(f"{name}: server stopped")
     return {"run": run, "state": state, "fade_stats": fade_stats, "log": scheduler_log_summary(log),

@@ -166,21 +166,22 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         # free_port() cannot reserve the port: another process may take it before the
         # server binds. Such a start is retried on a fresh port; other failures are not.
-        for attempt in range(_PORT_RETRIES + 1):
+        retries = _PORT_RETRIES
+        while True:
             self._spawn()
             try:
                 self._wait_ready()
                 return self
             except ServerStartupError:
                 self.stop()
-                if attempt == _PORT_RETRIES or not _lost_port_race(self.log_path):
+                if retries == 0 or not _lost_port_race(self.log_path):
                     raise
+                retries -= 1
                 self.port = free_port()
                 self.base_url = f"http://127.0.0.1:{self.port}"
             except BaseException:
                 self.stop()
                 raise
-        return self
 
     def _spawn(self) -> None:
         cmd = launch_command(self.model_path, self.port, self.extra_args, self.max_total_tokens,
@@ -231,6 +232,14 @@ class ServerProcess:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read().decode())
+
+    def fade_stats(self) -> dict[str, Any]:
+        """GET /fade/stats of a fade server: the tier stats of its one scheduler."""
+        body = self.request("/fade/stats")
+        if not body.get("enabled"):
+            raise RuntimeError(f"{self.base_url}: fade is not enabled on this server (no --kv-compression fade)")
+        (stats,) = body["schedulers"]
+        return stats
 
     def flush_cache(self) -> None:
         """POST /flush_cache (empties the radix cache; refused by SGLang while requests run)."""

@@ -33,12 +33,12 @@ import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import evaldata
-from .launcher import ServerProcess, server_env  # noqa: F401  (server_env: re-export for tests)
+from .launcher import ServerProcess
 
 __all__ = ["Setting", "Item", "QualityConfig", "SettingResult", "default_settings", "passkey_items",
            "greedy_items", "nll_items", "run_setting", "run_quality", "main"]
@@ -205,14 +205,6 @@ class SettingResult:
         self.compression[task] = round(sum(m["ratio"] for m in batches) / len(batches), 3)
 
 
-def _stats(srv: ServerProcess) -> dict[str, Any] | None:
-    try:
-        body = srv.request("/fade/stats")
-    except Exception:  # plain SGLang server: no route
-        return None
-    return body["schedulers"][0] if body.get("enabled") else None
-
-
 def _wait_aged(srv: ServerProcess, setting: Setting, timeout_s: float, settle_s: float = 1.0) -> dict[str, Any]:
     """Poll until the cached contexts sit in the target tier and nothing has moved for ``settle_s``
     (each poll is a scheduler-loop turn, which is when idle demotion runs)."""
@@ -220,9 +212,7 @@ def _wait_aged(srv: ServerProcess, setting: Setting, timeout_s: float, settle_s:
     deadline = time.monotonic() + timeout_s
     last, since = None, time.monotonic()
     while True:
-        stats = _stats(srv)
-        if stats is None:
-            raise QualityError(f"{setting.name}: /fade/stats unavailable on a fade server")
+        stats = srv.fade_stats()
         tree = stats["radix"]["tree_tokens"]
         now = time.monotonic()
         if tree != last:
@@ -414,42 +404,36 @@ def _run_eviction(setting: Setting, cfg: QualityConfig, tok: Any, fade: SettingR
                   reference: SettingResult | None) -> SettingResult:
     """One eviction server per context length (its window is a server knob), merged into one row."""
     merged = SettingResult(setting.name, [])
-    runs: list[tuple[str, int, QualityConfig, tuple[str, ...]]] = []  # (task key, length, config, tasks)
+    runs: list[tuple[str, QualityConfig, tuple[str, ...]]] = []  # (task key, config, tasks)
     tasks = enabled_tasks(cfg)
     if "passkey" in tasks:
         for length in cfg.lengths:
-            runs.append((f"passkey@{length}", length, _replace(cfg, lengths=(length,)), ("passkey",)))
+            runs.append((f"passkey@{length}", replace(cfg, lengths=(length,)), ("passkey",)))
     if "greedy" in tasks:
-        runs.append((f"greedy@{cfg.greedy_length}", cfg.greedy_length, cfg, ("greedy",)))
+        runs.append((f"greedy@{cfg.greedy_length}", cfg, ("greedy",)))
     if "nll" in tasks:
-        runs.append((f"nll@{cfg.nll_length}", cfg.nll_length, cfg, ("nll",)))
+        runs.append((f"nll@{cfg.nll_length}", cfg, ("nll",)))
     passkey_cells: dict[str, float] = {}
     depth_hits: dict[str, list[float]] = {}
-    for task, _, sub_cfg, tasks in runs:
+    for task, sub_cfg, run_tasks in runs:
         keep = keep_recent_for(fade, task)
-        res = run_setting(eviction_setting(setting, keep), sub_cfg, tok, tasks, reference)
+        res = run_setting(eviction_setting(setting, keep), sub_cfg, tok, run_tasks, reference)
         merged.server_args.append(" ".join(res.server_args))
         merged.compression.update(res.compression)
         merged.measured.update(res.measured)
         merged.seconds += res.seconds
-        if "passkey" in tasks:
+        if "passkey" in run_tasks:
             passkey_cells.update({k: v for k, v in res.passkey.items() if k != "all"})
             for d, acc in res.passkey_by_depth.items():
                 depth_hits.setdefault(d, []).append(acc)
-        if "greedy" in tasks:
+        if "greedy" in run_tasks:
             merged.greedy_match, merged.greedy_first_divergence = res.greedy_match, res.greedy_first_divergence
-        if "nll" in tasks:
+        if "nll" in run_tasks:
             merged.nll = res.nll
     if passkey_cells:
         merged.passkey = dict(passkey_cells, all=sum(passkey_cells.values()) / len(passkey_cells))
         merged.passkey_by_depth = {d: sum(v) / len(v) for d, v in depth_hits.items()}
     return merged
-
-
-def _replace(cfg: QualityConfig, **changes: Any) -> QualityConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **changes)
 
 
 # ----------------------------------------------------------------------------- report

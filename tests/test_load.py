@@ -50,16 +50,6 @@ def server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     print(f"\nserver log: {srv.log_path}")
 
 
-def _stats(srv: ServerProcess) -> dict[str, Any]:
-    (stats,) = srv.request("/fade/stats")["schedulers"]
-    return stats
-
-
-def _flush(srv: ServerProcess) -> None:
-    with urllib.request.urlopen(srv.base_url + "/flush_cache", data=b"", timeout=60) as resp:
-        assert resp.status == 200
-
-
 def _check_consistent(stats: dict[str, Any]) -> None:
     tiers = stats["tiers"]
     assert sum(t["used"] for t in tiers.values()) == stats["tokens"]
@@ -88,8 +78,8 @@ def _api_abort(srv: ServerProcess, ids: list[int], results: list[dict[str, Any]]
 
 
 def test_many_sessions_with_aborts_no_leak(server: ServerProcess, tiny_model_dir: Path) -> None:
-    _flush(server)
-    initial = _stats(server)
+    server.flush_cache()
+    initial = server.fade_stats()
     _check_consistent(initial)
     assert initial["tokens"] == 0
     trace = build_agent_trace(SPEC, load_tokenizer(tiny_model_dir))
@@ -102,7 +92,7 @@ def test_many_sessions_with_aborts_no_leak(server: ServerProcess, tiny_model_dir
 
     def sample() -> None:  # stats while the server is busy
         while not done.wait(1.0):
-            busy_stats.append(_stats(server))
+            busy_stats.append(server.fade_stats())
 
     def stream_aborter() -> None:  # client disconnects mid-generation
         for i in range(STREAM_ABORTS):
@@ -141,13 +131,13 @@ def test_many_sessions_with_aborts_no_leak(server: ServerProcess, tiny_model_dir
 
     time.sleep(3)  # > cold_idle_seconds: idle demotion runs on the finished tree
     server.generate(input_ids=[5, 6, 7], max_new_tokens=1)  # one more scheduler step
-    after_load = _stats(server)
+    after_load = server.fade_stats()
     _check_consistent(after_load)
     assert sum(after_load["demoted_tokens"].values()) > 0
     assert after_load["demotion_errors"] == 0
 
-    _flush(server)
-    final = _stats(server)
+    server.flush_cache()
+    final = server.fade_stats()
     _check_consistent(final)
     for name, tier in final["tiers"].items():
         assert tier["used"] == 0 and tier["free"] == initial["tiers"][name]["free"], (name, tier)

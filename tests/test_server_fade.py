@@ -90,28 +90,16 @@ def _ids(tokenizer: Any, n: int, seed: int) -> list[int]:
     raise AssertionError("corpus too short")
 
 
-def _stats(srv: ServerProcess) -> dict[str, Any]:
-    body = srv.request("/fade/stats")
-    assert body["enabled"] is True
-    (stats,) = body["schedulers"]
-    return stats
-
-
 def _wait_demoted_prefix(srv: ServerProcess, min_warm: int, timeout_s: float = 10.0) -> None:
     """Idle demotion runs in the scheduler loop, which turns only when something arrives: poll
     (each stats request is one loop turn; its reply may predate that turn's demotion)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        tree = _stats(srv)["radix"]["tree_tokens"]
+        tree = srv.fade_stats()["radix"]["tree_tokens"]
         if tree["warm"] >= min_warm or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert tree["warm"] >= min_warm, tree
-
-
-def _flush(srv: ServerProcess) -> None:
-    with urllib.request.urlopen(srv.base_url + "/flush_cache", data=b"", timeout=60) as resp:
-        assert resp.status == 200, resp.read()
 
 
 def _server_info_capacity(srv: ServerProcess) -> int:
@@ -123,7 +111,7 @@ def _server_info_capacity(srv: ServerProcess) -> int:
 
 
 def test_fade_server_reports_more_tokens_in_fewer_bytes(baseline: ServerProcess, fade_small: ServerProcess) -> None:
-    stats = _stats(fade_small)
+    stats = fade_small.fade_stats()
     tiers = stats["tiers"]
     assert set(tiers) == {"fp16", "int4", "int2"} and all(t["capacity"] > 0 for t in tiers.values())
     capacity = sum(t["capacity"] for t in tiers.values())
@@ -150,7 +138,7 @@ def test_safe_preset_matches_uncompressed(baseline: ServerProcess, fade_safe: Se
         want = baseline.generate(input_ids=ids, max_new_tokens=64)["output_ids"]
         got = fade_safe.generate(input_ids=ids, max_new_tokens=64)["output_ids"]
         assert got == want
-    stats = _stats(fade_safe)
+    stats = fade_safe.fade_stats()
     assert stats["demotion_errors"] == 0
 
 
@@ -174,7 +162,7 @@ def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerPr
       INT4 prefix 0.50, INT2 prefix 0.17, broken reads (noise / scrambled channels) <= 0.03.
     """
     def running_demotions() -> int:
-        return sum(_stats(fade_small)["radix"]["demoted_tokens"].get("running", {}).values())
+        return sum(fade_small.fade_stats()["radix"]["demoted_tokens"].get("running", {}).values())
 
     rates, prefix, agreement, moved = [], [], [], 0
     for seed in (3, 4, 5):
@@ -188,7 +176,7 @@ def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerPr
         prefix.append(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), LONG_NEW_TOKENS))
 
         # Cache the prompt, let it idle into the packed tiers, then score the continuation through it.
-        _flush(fade_small)
+        fade_small.flush_cache()
         fade_small.generate(input_ids=ids, max_new_tokens=1)
         time.sleep(2.5)  # > warm_idle_seconds, < cold_idle_seconds
         _wait_demoted_prefix(fade_small, 30)
@@ -209,7 +197,7 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
     cont = fade_small.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
     agreement = []
     for srv in (fade_small, fade_triton):
-        _flush(srv)
+        srv.flush_cache()
         srv.generate(input_ids=ids, max_new_tokens=1)
         time.sleep(2.5)
         _wait_demoted_prefix(srv, 30)
@@ -217,7 +205,7 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
     same = sum(a == b for a, b in zip(*agreement)) / len(cont)
     print(f"\ntriton vs torch: teacher-forced top-1 agreement {same:.3f}")
     assert same >= 0.95
-    assert _stats(fade_triton)["demotion_errors"] == 0
+    assert fade_triton.fade_stats()["demotion_errors"] == 0
 
 
 def test_prometheus_gauges_follow_the_tiers(fade_small: ServerProcess, tokenizer: Any) -> None:
@@ -249,8 +237,8 @@ def _session(srv: ServerProcess, tokenizer: Any, system: list[int], sid: int) ->
 
 
 def test_multi_turn_sessions_share_prefix_and_age(fade_small: ServerProcess, tokenizer: Any) -> None:
-    _flush(fade_small)
-    initial = _stats(fade_small)
+    fade_small.flush_cache()
+    initial = fade_small.fade_stats()
     assert initial["tokens"] == 0
     system = _ids(tokenizer, 48, 99)
     # Warm the system prompt first: requests that all start cold each demote their own copy of
@@ -267,7 +255,7 @@ def test_multi_turn_sessions_share_prefix_and_age(fade_small: ServerProcess, tok
 
     time.sleep(5)  # > cold_idle_seconds: idle branches age fp16 -> int4 -> int2
     fade_small.generate(input_ids=[5, 6, 7], max_new_tokens=1)  # one more step so the scheduler runs demote_idle
-    stats = _stats(fade_small)
+    stats = fade_small.fade_stats()
     tree = stats["radix"]["tree_tokens"]
     print("\nafter 8x4 turns + idle:", json.dumps({"tree": tree, "demoted": stats["radix"]["demoted_tokens"],
                                                      "evicted": stats["radix"]["evicted_tokens"],
@@ -280,8 +268,8 @@ def test_multi_turn_sessions_share_prefix_and_age(fade_small: ServerProcess, tok
     assert len(system) <= tree["fp16"] <= len(system) + 4 * 10
     assert stats["compression_ratio"] > 1.5
 
-    _flush(fade_small)
-    after = _stats(fade_small)
+    fade_small.flush_cache()
+    after = fade_small.fade_stats()
     for name, tier in after["tiers"].items():
         assert tier["used"] == 0 and tier["free"] == initial["tiers"][name]["free"], name
     log = fade_small.log_text()
