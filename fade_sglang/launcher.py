@@ -241,12 +241,21 @@ class ServerProcess:
         (stats,) = body["schedulers"]
         return stats
 
-    def flush_cache(self) -> None:
-        """POST /flush_cache (empties the radix cache; refused by SGLang while requests run)."""
-        req = urllib.request.Request(self.base_url + "/flush_cache", data=b"", method="POST")
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"/flush_cache failed: {resp.status} {resp.read()[:200]!r}")
+    def flush_cache(self, busy_timeout_s: float = 30.0) -> None:
+        """POST /flush_cache (empties the radix cache).
+
+        SGLang answers 400 while requests are still running, which includes a request whose
+        HTTP reply has arrived but which the scheduler has not retired yet: retry until idle."""
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            req = urllib.request.Request(self.base_url + "/flush_cache", data=b"", method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=60):
+                    return
+            except urllib.error.HTTPError as e:
+                if e.code != 400 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
 
     def generate(
         self,

@@ -57,7 +57,7 @@ def baseline(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     yield from _server(tiny_model_dir, [], BASE_TOKENS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # one test uses it: stopped right after, so it does not starve later servers' startup
 def fade_safe(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     yield from _server(tiny_model_dir, FADE_ARGS + ["--fade-preset", "safe"], FADE_TOKENS, STRICT_ENV)
 
