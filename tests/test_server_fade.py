@@ -241,10 +241,14 @@ def test_multi_turn_sessions_share_prefix_and_age(fade_small: ServerProcess, tok
     initial = fade_small.fade_stats()
     assert initial["tokens"] == 0
     system = _ids(tokenizer, 48, 99)
-    # Warm the system prompt first: requests that all start cold each demote their own copy of
-    # it while they run (nobody can know yet that it will be shared), and the tree keeps the first
-    # finisher's copy. Sessions then lock the cached node well within warm_idle_seconds.
-    fade_small.generate(input_ids=system, max_new_tokens=1)
+    # Cache the system prompt as a shared node first: two requests branching right after it
+    # make it a prefix of two leaves, which the policy keeps fp16 from then on. (A single
+    # warm-up request would leave an unshared leaf that idle demotion may take before the
+    # sessions lock it, if the machine is slow enough to let warm_idle_seconds pass.)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda tail: fade_small.generate(input_ids=system + [tail], max_new_tokens=1), (5, 6)))
+    warm_tree = fade_small.fade_stats()["radix"]["tree_tokens"]
+    assert warm_tree["fp16"] >= len(system), f"shared system prompt left fp16 before the sessions: {warm_tree}"
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda s: _session(fade_small, tokenizer, system, s), range(8)))
     for metas in results:
