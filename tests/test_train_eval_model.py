@@ -44,7 +44,7 @@ def test_short_run_writes_a_loadable_llama(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "m"
-    assert T.main(["--out", str(out), "--steps", "3", "--tokens-per-step", "256", "--eval-every", "0",
+    assert T.main(["--out", str(out), "--steps", "3", "--copy-steps", "1", "--tokens-per-step", "256", "--eval-every", "0",
                    "--hidden", "64", "--heads", "2", "--kv-heads", "1", "--layers", "1", "--threads", "1",
                    "--final-eval-prompts", "1"]) == 0
     meta = json.loads((out / "training.json").read_text())
