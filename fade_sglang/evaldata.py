@@ -8,7 +8,7 @@ Design notes
 ------------
 * Every prompt is assembled from *segments* ``(text, role)``; each segment's text
   carries its own leading space, and the prompt is their concatenation.  With the
-  byte-level, whitespace-splitting pre-tokenizer used by ``models/fade-tiny-llama``
+  word-level pre-tokenizer of ``models/fade-tiny-llama`` (whitespace, one token per digit)
   token counts are additive over segments, which is how a target token length is
   hit exactly without re-tokenizing the whole prompt for every sentence.
 * Filler comes from a small generative grammar over word lists (no digits, never
