@@ -89,7 +89,7 @@ def copy_document(rng: random.Random, tok, length: int, periods: tuple[int, int]
     """Random tokens repeated verbatim: after the first period every token is predictable
     only by looking back (induction), the circuit retrieval is built from, with no
     competing grammar to learn."""
-    words = [i for t, i in tok.get_vocab().items() if t not in SPECIAL_TOKENS]
+    words = sorted(i for t, i in tok.get_vocab().items() if t not in SPECIAL_TOKENS)  # vocab dict order varies per process
     period = [rng.choice(words) for _ in range(rng.randint(*periods))]
     ids = [tok.bos_token_id] + (period * (length // len(period) + 1))[: length - 1]
     return ids, [1.0] * length

@@ -54,3 +54,17 @@ def test_short_run_writes_a_loadable_llama(tmp_path: Path) -> None:
     assert model.config.model_type == "llama" and model.config.num_key_value_heads == 1
     assert model.dtype == torch.bfloat16
     assert AutoTokenizer.from_pretrained(str(out)).decode([4]) != ""
+
+
+def test_training_data_is_the_same_in_every_process() -> None:
+    """The shipped model is reproducible only if a fresh process draws the same documents
+    (the tokenizer's vocab dict comes back in a different order in every process)."""
+    import subprocess
+
+    code = ("import hashlib, random, sys; sys.path.insert(0, 'benchmarks'); import train_eval_model as T; "
+            "tok = T.build_tokenizer(0); x, w = T.batch(random.Random(0), tok, 8, 256, 8.0, copy_fraction=0.5); "
+            "print(hashlib.sha256(x.numpy().tobytes() + w.numpy().tobytes()).hexdigest())")
+    repo = Path(__file__).resolve().parents[1]
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(2)}
+    assert len(digests) == 1, digests
