@@ -74,6 +74,17 @@ SCALES = {
         agent_concurrency=3,
         max_running_requests=3,
     ),
+    # CI: both workloads end to end in about a minute per configuration (tests/test_serving_benchmark.py).
+    "smoke": Scale(
+        base_tokens=2048,
+        gsp={"num-groups": 2, "prompts-per-group": 2, "system-prompt-len": 256, "question-len": 32,
+             "output-len": 8, "num-turns": 1},
+        gsp_concurrency=2,
+        agent=AgentTraceSpec(sessions=4, turns=2, system_tokens=256, user_tokens=32, tool_tokens=128,
+                             output_tokens=8),
+        agent_concurrency=2,
+        max_running_requests=2,
+    ),
     # GPU (not run yet): a real model, a pool of ~200K fp16 tokens, long shared prefixes.
     "gpu": Scale(
         base_tokens=200_000,

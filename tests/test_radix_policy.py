@@ -121,6 +121,28 @@ def test_demote_before_evict() -> None:
     sim.check()
 
 
+def test_pressure_demotes_shared_prefixes_instead_of_evicting() -> None:
+    """A fp16 tier full of shared system prompts: pressure demotes them (unshared tails first),
+    it never evicts while the warm tier has room (evicting packed leaves frees no fp16 slot)."""
+    sim = Sim(small_config(sink_tokens=0, demote_chunk=1), size=400)  # fp16 60, warm 178
+    groups = []
+    for g in range(2):
+        system = [3000 + 100 * g + j for j in range(24)]
+        insert(sim, system + [1, 2, 3])
+        insert(sim, system + [4, 5, 6])  # the system prompt becomes a shared node
+        groups.append(system)
+    assert sim.alloc.fp16_available() == 0
+    res = sim.cache.evict(EvictParams(num_tokens=40))
+    assert res.num_tokens_evicted == 40 and sim.alloc.fp16_available() == 40
+    stats = sim.cache.tier_stats()
+    assert stats["evicted_tokens"] == {} and sim.cache.total_size() == 60
+    # 12 unshared tail tokens went first, then the coldest shared prefix (the first group) whole.
+    assert stats["demoted_tokens"]["evict"] == {"fp16->warm": 40}
+    assert tiers_of(sim, groups[0] + [1, 2, 3]) == [Tier.WARM] * 27
+    assert tiers_of(sim, groups[1] + [4, 5, 6]).count(Tier.FP16) == 20
+    sim.check()
+
+
 def test_warm_full_cascades_to_cold_then_evicts_lowest_tier() -> None:
     sim = Sim(small_config(sink_tokens=0, demote_chunk=1), size=400)
     cap = {t: sim.pool.layout.capacity(t) for t in Tier}

@@ -4,7 +4,8 @@ Rules (FadeConfig):
 * attention sinks: the first ``sink_tokens`` positions of every root path stay fp16;
 * shared prefixes: a node stays fp16 whole when ``hit_count >= shared_prefix_min_hits``
   (0 disables this test) or when it is a prefix of two or more cached leaves
-  (a node with >= 2 children, and every ancestor of such a node);
+  (a node with >= 2 children, and every ancestor of such a node); idle aging never moves
+  it, memory pressure demotes it after every unshared node and before evicting anything;
 * locked nodes (``lock_ref > 0``) are referenced by running rows: never moved here;
 * recent tokens (idle demotion only, ``idle_recent_tokens``): the last positions of a
   branch's root path stay fp16.

@@ -105,15 +105,25 @@ class TieredRadixCache(RadixCache):
                 budget -= pos.numel()
         return picks
 
+    def _pressure_order(self) -> list[NodeView]:
+        """Unlocked nodes in the order memory pressure demotes them: unshared nodes coldest first,
+        then shared prefixes coldest first. Idle aging never moves a shared prefix, but under
+        pressure demoting it beats evicting it (and beats evicting packed leaves, which frees no
+        fp16 slot): a small fp16 tier cannot hold every shared system prompt."""
+        key = self.eviction_strategy.get_priority
+        unlocked = [v for v in self._views() if v.node.lock_ref == 0]
+        return (sorted((v for v in unlocked if not v.shared), key=lambda v: key(v.node))
+                + sorted((v for v in unlocked if v.shared), key=lambda v: key(v.node)))
+
     def _demote_coldest(self, srcs: tuple[int, ...], dst: Tier, want: int, reason: str) -> int:
-        """Demote up to ``want`` (at least ``demote_chunk``) movable tokens of the coldest unlocked nodes."""
+        """Pressure demotion: up to ``want`` (at least ``demote_chunk``) movable tokens, in
+        :meth:`_pressure_order`."""
         if want <= 0 or not self._tier_enabled(dst):
             return 0
         budget = min(max(want, self.fade_config.demote_chunk), self.pool.available(dst))
         if budget <= 0:
             return 0
-        order = sorted(iter_candidates(self._views()), key=lambda v: self.eviction_strategy.get_priority(v.node))
-        return self._apply_demotion(self._pick(order, srcs, budget), dst, reason)
+        return self._apply_demotion(self._pick(self._pressure_order(), srcs, budget), dst, reason)
 
     # ------------------------------------------------------------------ public policy
     def demote_idle(self, now: float | None = None) -> int:
@@ -194,7 +204,7 @@ class TieredRadixCache(RadixCache):
             return False
         sink = self.fade_config.sink_tokens
         return any(movable_positions(v, self.pool.tier_of(v.node.value), sink, (Tier.FP16,)).numel()
-                   for v in iter_candidates(self._views()))
+                   for v in self._pressure_order())
 
     def _evict_key(self, node: TreeNode) -> tuple:
         # Lowest tier first (a leaf entirely in cold goes before one holding fp16), then the base policy.

@@ -1,0 +1,48 @@
+"""benchmarks/serving.py end to end at the CI-sized ``smoke`` scale.
+
+SGLang's own ``bench_serving`` (generated-shared-prefix) and the multi-turn agent trace run
+against an fp16 server and a fade-balanced server holding the same KV bytes, on the shipped
+model. Asserted: equal measured pool bytes, the capacity gain, every request served, fade's
+tier stats and Prometheus gauges in the report, JSON and plot written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import serving  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+
+def test_smoke_scale_fp16_vs_fade_at_equal_bytes(tmp_path: Path) -> None:
+    assert serving.main(["--scale", "smoke", "--configs", "fp16,fade-balanced", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "serving.json").read_text())
+    rows = {r["config"]: r for r in data["results"]}
+    fp16, fade = rows["fp16"], rows["fade-balanced"]
+    assert abs(fade["pool_bytes"] - fp16["pool_bytes"]) <= 0.02 * fp16["pool_bytes"]
+    assert fade["capacity_tokens"] > 3 * fp16["capacity_tokens"]  # float32 KV on CPU: ~7x for balanced
+    scale = serving.SCALES["smoke"]
+    expected = {"gsp": scale.gsp["num-groups"] * scale.gsp["prompts-per-group"],
+                "agent": scale.agent.sessions * scale.agent.turns}
+    for row in (fp16, fade):
+        for wl, n in expected.items():
+            res = row[wl]
+            assert "error" not in res, res.get("error")
+            assert res["requests"] == n and res.get("failed", 0) == 0 and res["output_tok_per_s"] > 0
+    for wl in expected:
+        stats = fade[wl]["fade"]
+        assert stats["demotion_errors"] == 0 and stats["compression_ratio"] >= 1.0
+        assert any(k.startswith("fade_kv_") for k in stats["prometheus"])
+    assert fade["agent"]["fade"]["compression_ratio"] > 1.0  # the trace's older turns were demoted
+    assert (tmp_path / "serving.png").stat().st_size > 0
+
+
+def test_unknown_config_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert serving.main(["--configs", "fp16,fp4"]) == 2
+    assert "unknown configs ['fp4']" in capsys.readouterr().err
