@@ -211,8 +211,8 @@ def _wait_aged(srv: ServerProcess, setting: Setting, timeout_s: float, settle_s:
     (each poll is a scheduler-loop turn, which is when idle demotion runs).
 
     Up to ``stray_fraction`` of the tree may stay in a middle tier: a token demoted to warm
-    before a later context split its node off as a shared prefix stays there (shared nodes
-    are never moved), which is the policy working, not a stalled demotion."""
+    before a later context split its node off as a shared prefix stays there (idle aging
+    never moves shared nodes), which is the policy working, not a stalled demotion."""
     target = "warm" if setting.age_to == "int4" else "cold"  # radix stats name tiers by role
     deadline = time.monotonic() + timeout_s
     last, since = None, time.monotonic()
