@@ -38,13 +38,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import evaldata
+from .demo import DEFAULT_MODEL
 from .launcher import ServerProcess
 
 __all__ = ["Setting", "Item", "QualityConfig", "SettingResult", "default_settings", "passkey_items",
            "greedy_items", "nll_items", "run_setting", "run_quality", "main"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO_ROOT / "models" / "fade-tiny-llama"
 FADE_BASE_ARGS = ("--kv-compression", "fade", "--attention-backend", "fade_torch")
 # Evaluation timers: demote idle contexts within a second instead of the preset's seconds/minutes.
 AGE_ARGS = {

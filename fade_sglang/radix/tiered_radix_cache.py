@@ -110,10 +110,10 @@ class TieredRadixCache(RadixCache):
         then shared prefixes coldest first. Idle aging never moves a shared prefix, but under
         pressure demoting it beats evicting it (and beats evicting packed leaves, which frees no
         fp16 slot): a small fp16 tier cannot hold every shared system prompt."""
-        key = self.eviction_strategy.get_priority
-        unlocked = [v for v in self._views() if v.node.lock_ref == 0]
-        return (sorted((v for v in unlocked if not v.shared), key=lambda v: key(v.node))
-                + sorted((v for v in unlocked if v.shared), key=lambda v: key(v.node)))
+        return sorted(self._unlocked_views(), key=lambda v: (v.shared, self.eviction_strategy.get_priority(v.node)))
+
+    def _unlocked_views(self) -> list[NodeView]:
+        return [v for v in self._views() if v.node.lock_ref == 0]
 
     def _demote_coldest(self, srcs: tuple[int, ...], dst: Tier, want: int, reason: str) -> int:
         """Pressure demotion: up to ``want`` (at least ``demote_chunk``) movable tokens, in
@@ -204,7 +204,7 @@ class TieredRadixCache(RadixCache):
             return False
         sink = self.fade_config.sink_tokens
         return any(movable_positions(v, self.pool.tier_of(v.node.value), sink, (Tier.FP16,)).numel()
-                   for v in self._pressure_order())
+                   for v in self._unlocked_views())  # any node will do: no need for the pressure order
 
     def _evict_key(self, node: TreeNode) -> tuple:
         # Lowest tier first (a leaf entirely in cold goes before one holding fp16), then the base policy.
