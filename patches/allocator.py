@@ -7,8 +7,8 @@
   conservation check is ``available + evictable + protected + uncached ==
   max_total_num_tokens`` and the tree / request counts are in tokens of any tier.
 * prefill admission (:class:`FadePrefillBudget`) checks the immediate allocation
-  against fp16 slots that are free or reclaimable, and the lifetime demand against
-  all tiers.
+  against fp16 slots that are free or reclaimable (by demotion alone while requests
+  run), and the lifetime demand against all tiers.
 * fp16 shortage is handled where SGLang asks for room before allocating
   (``evict_to_free_tokens`` / ``check_decode_capacity``): the shortfall is
   measured in *fp16* slots and handed to the tree cache's ``evict``, which
@@ -46,9 +46,30 @@ class FadePrefillBudget(PrefillBudget):
     """
 
     def fp16_room(self) -> int:
+        """fp16 slots this pass may still take.
+
+        While other requests run (or this pass already admitted one), only what demotion can
+        hand back counts: the rest of the unlocked fp16 tokens are sinks, and reclaiming a sink
+        means evicting its whole (mostly packed) branch, hundreds of cached tokens for a few fp16
+        slots. Waiting is cheaper: running requests release fp16 as they finish. For the first
+        admission with nothing else running (or a chunked prefill alone, which must progress to
+        release its own KV), eviction is the only way forward and every unlocked fp16 token counts.
+        """
         tree = self.tree_cache
-        reclaim = tree.fp16_evictable_size() if hasattr(tree, "fp16_evictable_size") else tree.evictable_size()
+        if not hasattr(tree, "fp16_evictable_size"):  # plain RadixCache fallback: no tiers to tell apart
+            reclaim = tree.evictable_size()
+        elif self.allocator.running_requests > 0 or self._admitted:
+            reclaim = tree.fp16_demotable_size()
+        else:
+            reclaim = tree.fp16_evictable_size()
         return self.allocator.fp16_available() + reclaim - self.current_offset
+
+    _admitted = False  # set by reserve(): this pass admitted a prefill (or a chunk)
+    _fp16_chunked = False  # this pass already cut one prefill to the fp16 room
+
+    def reserve(self, *args: Any, **kwargs: Any) -> None:
+        super().reserve(*args, **kwargs)
+        self._admitted = True
 
     def has_capacity(self) -> bool:
         return super().has_capacity() and self.fp16_room() > 0
@@ -62,7 +83,7 @@ class FadePrefillBudget(PrefillBudget):
             return False, None
         if extend_input_len <= room:
             return ok, bound
-        if getattr(self, "_fp16_chunked", False):
+        if self._fp16_chunked:
             return False, None  # one fp16-bounded chunk per pass (SGLang tracks one chunked request)
         self._fp16_chunked = True
         return True, room if bound is None else min(bound, room)  # chunk what fp16 cannot take at once
@@ -82,6 +103,10 @@ class FadeTokenAllocator(BaseTokenToKVPoolAllocator):
     def __init__(self, kvcache: Any, dtype: torch.dtype, device: str, need_sort: bool = False):
         super().__init__(kvcache.total_size, 1, dtype, device, kvcache, need_sort)
         self.pool = kvcache
+        # Live requests other than a chunked prefill, set by the scheduler hook before each pass:
+        # they release fp16 without more prefill, so admission waits for them rather than evict
+        # packed branches (FadePrefillBudget.fp16_room).
+        self.running_requests = 0
         self.clear()
 
     # free_pages is read by SGLang's debug census; expose every tier's free slots.

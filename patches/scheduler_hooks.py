@@ -9,7 +9,8 @@ Hook points:
   processed and before the next batch is formed. Fade forces
   ``--disable-overlap-schedule``, so no forward is reading the KV here and
   rewriting slots (demotion) is safe. Runs ``demote_running`` over the requests
-  that will keep decoding, then ``demote_idle``.
+  that will keep decoding, then ``demote_idle``, and tells the allocator how many
+  requests are live (prefill admission waits for them rather than evict for fp16).
 * ``sglang.srt.mem_cache.registry`` radix backend ``"fade"``, selected
   automatically under ``--kv-compression fade`` (the default tree in 0.5.23 is
   the Rust-core UnifiedRadixCache, which the tiered cache does not extend).
@@ -105,7 +106,7 @@ def _holds_row(req: Any) -> bool:
     return kv is not None and kv.req_pool_idx is not None
 
 
-def _reqs_to_demote(running_batch: Any, last_batch: Any) -> list[Any]:
+def _live_requests(running_batch: Any, last_batch: Any) -> list[Any]:
     """Requests whose KV rows stay live into the next step (decoding now, or just prefilled)."""
     reqs: list[Any] = []
     seen: set[int] = set()
@@ -140,9 +141,11 @@ def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
     state: FadeSchedulerState = scheduler._fade_state
     tree = scheduler.tree_cache
     now = time.monotonic()
+    reqs = _live_requests(running_batch, last_batch)
+    chunked = getattr(scheduler, "chunked_req", None)
+    scheduler.token_to_kv_pool_allocator.running_requests = sum(r is not chunked for r in reqs)
     try:
         if state.cfg.demote_running and hasattr(tree, "demote_running"):
-            reqs = _reqs_to_demote(running_batch, last_batch)
             if reqs:
                 tree.demote_running(reqs, scheduler.req_to_token_pool)
                 state.demotion_passes += 1

@@ -15,7 +15,7 @@ import heapq
 import logging
 import time
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
@@ -199,12 +199,16 @@ class TieredRadixCache(RadixCache):
             freed += self._demote_coldest((Tier.FP16,), Tier.COLD, want - freed, "evict")
         return freed
 
-    def _has_demotable_fp16(self) -> bool:
+    def _demotable_fp16_per_node(self) -> Iterator[int]:
+        """fp16 tokens pressure demotion can move, node by node (unlocked nodes, sinks excluded)."""
         if not (self._tier_enabled(Tier.WARM) or self._tier_enabled(Tier.COLD)):
-            return False
+            return
         sink = self.fade_config.sink_tokens
-        return any(movable_positions(v, self.pool.tier_of(v.node.value), sink, (Tier.FP16,)).numel()
-                   for v in self._unlocked_views())  # any node will do: no need for the pressure order
+        for v in self._unlocked_views():  # no order needed: callers count
+            yield movable_positions(v, self.pool.tier_of(v.node.value), sink, (Tier.FP16,)).numel()
+
+    def _has_demotable_fp16(self) -> bool:
+        return any(self._demotable_fp16_per_node())
 
     def _evict_key(self, node: TreeNode) -> tuple:
         # Lowest tier first (a leaf entirely in cold goes before one holding fp16), then the base policy.
@@ -250,7 +254,12 @@ class TieredRadixCache(RadixCache):
     def fp16_evictable_size(self) -> int:
         """fp16 tokens in unlocked nodes: what demotion or eviction could hand back to new tokens."""
         return sum(int((self.pool.tier_of(v.node.value) == Tier.FP16).sum())
-                   for v in self._views() if v.node.lock_ref == 0)
+                   for v in self._unlocked_views())
+
+    def fp16_demotable_size(self) -> int:
+        """fp16 slots demotion alone can hand back: unlocked fp16 tokens past the sinks. The rest of
+        :meth:`fp16_evictable_size` (sinks) comes back only by evicting the whole branch below it."""
+        return sum(self._demotable_fp16_per_node())
 
     def tier_stats(self) -> dict[str, Any]:
         demoted: dict[str, dict[str, int]] = {}
@@ -261,6 +270,7 @@ class TieredRadixCache(RadixCache):
             "evictable_tokens": self.evictable_size(),
             "protected_tokens": self.protected_size(),
             "fp16_evictable_tokens": self.fp16_evictable_size(),
+            "fp16_demotable_tokens": self.fp16_demotable_size(),
             "demoted_tokens": demoted,
             "evicted_tokens": dict(self.evicted),
             "pool": self.pool.tier_stats(),
