@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,10 +64,8 @@ SCALES = {
     # bytes: 3 requests x (16 + 256 + 64) slots fit the `safe` preset's 1228 fp16 slots.
     "tiny": Scale(
         base_tokens=6144,
-        # One turn: bench_serving's multi-turn mode needs a chat backend (a chat template) the tiny model
-        # lacks; the agent trace below is the multi-turn workload.
         gsp={"num-groups": 6, "prompts-per-group": 2, "system-prompt-len": 768, "question-len": 64,
-             "output-len": 16, "num-turns": 1},
+             "output-len": 16, "num-turns": 3},
         gsp_concurrency=3,
         agent=AgentTraceSpec(sessions=10, turns=3, system_tokens=512, user_tokens=48, tool_tokens=512,
                              output_tokens=16),
@@ -78,7 +76,7 @@ SCALES = {
     "smoke": Scale(
         base_tokens=2048,
         gsp={"num-groups": 2, "prompts-per-group": 2, "system-prompt-len": 256, "question-len": 32,
-             "output-len": 8, "num-turns": 1},
+             "output-len": 8, "num-turns": 2},
         gsp_concurrency=2,
         agent=AgentTraceSpec(sessions=4, turns=2, system_tokens=256, user_tokens=32, tool_tokens=128,
                              output_tokens=8),
@@ -130,6 +128,25 @@ def config_tokens(cfg: Config, model: Path, dtype: str, base_tokens: int) -> int
 
 
 # ----------------------------------------------------------------------------- workloads
+
+
+def has_chat_template(model: Path) -> bool:
+    """Whether the model ships a chat template (``chat_template.jinja`` or in ``tokenizer_config.json``)."""
+    if (model / "chat_template.jinja").is_file():
+        return True
+    config = model / "tokenizer_config.json"
+    return config.is_file() and "chat_template" in json.loads(config.read_text())
+
+
+def gsp_turns_for(scale: Scale, model: Path, say: Callable[[str], None]) -> Scale:
+    """The scale itself, or with one gsp turn when the model cannot be driven through chat:
+    bench_serving's multi-turn mode replays conversations over /v1/chat/completions."""
+    turns = scale.gsp.get("num-turns", 1)
+    if turns <= 1 or has_chat_template(model):
+        return scale
+    say(f"gsp: {model} has no chat template, which multi-turn bench_serving needs; "
+        f"running --gsp-num-turns 1 instead of {turns}")
+    return replace(scale, gsp={**scale.gsp, "num-turns": 1})
 
 
 def _bench_serving_env() -> dict[str, str]:
@@ -341,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(c.name for c in CONFIGS),
                    help="comma-separated subset of: " + ", ".join(c.name for c in CONFIGS))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES), help="CPU model / KV dtype")
+    p.add_argument("--gsp-turns", type=int, default=None, help="turns per gsp conversation (default: the scale's)")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     try:
@@ -349,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serving.py: error: {e}", file=sys.stderr)
         return 2
     scale = SCALES[args.scale]
+    if args.gsp_turns is not None:
+        if args.gsp_turns < 1:
+            print(f"serving.py: error: --gsp-turns must be >= 1 (got {args.gsp_turns})", file=sys.stderr)
+            return 2
+        scale = replace(scale, gsp={**scale.gsp, "num-turns": args.gsp_turns})
     dtype = args.dtype if scale.device == "cpu" else "bfloat16"  # GPU servers run the model dtype (sizing only)
     wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(wanted) - {c.name for c in CONFIGS}
@@ -360,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[serving {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
+    scale = gsp_turns_for(scale, model, say)
     rows = []
     try:
         for cfg in CONFIGS:

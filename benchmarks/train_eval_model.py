@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fade_sglang import evaldata  # noqa: E402
+from fade_sglang.tiny_model import CHAT_TEMPLATE  # noqa: E402
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # Llama convention: bos=1, eos=2
 COPY_FRACTION = 0.3  # share of copy documents (random tokens repeated verbatim) in phase 2
@@ -66,10 +67,12 @@ def build_tokenizer(seed: int):  # -> PreTrainedTokenizerFast
     tok.train_from_iterator(corpus, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         model_max_length=4096,
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +292,8 @@ Reproduce (deterministic for the seed and thread count, {meta['train_seconds']:.
 
 Passkey accuracy after training (HF, fp32, full-precision KV, {a['final_eval_prompts']} prompts per length): {acc}.
 Weights are stored in bfloat16 (`model.safetensors`); `training.json` has the loss and
-accuracy history.
+accuracy history. `chat_template.jinja` joins chat messages' texts (the model never saw chat
+turns; the template lets OpenAI chat clients such as SGLang's multi-turn `bench_serving` drive it).
 """
 
 

@@ -36,6 +36,11 @@ def english_like_corpus(num_sentences: int = 2000, seed: int = 0) -> list[str]:
     return lines
 
 
+# Local models were never trained on chat turns; the template exists so OpenAI chat clients (SGLang's
+# multi-turn bench_serving) can drive them: every message's text, each closed by a full stop.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} . {% endfor %}"
+
+
 def build_tokenizer(path: str | os.PathLike, vocab_size: int = 512, seed: int = 0) -> Any:
     """Train a byte-level BPE locally and save it as a PreTrainedTokenizerFast (no hub access)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,6 +65,7 @@ def build_tokenizer(path: str | os.PathLike, vocab_size: int = 512, seed: int = 
         pad_token="<pad>",
         model_max_length=2048,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(path))
     return fast
 

@@ -1,6 +1,7 @@
 """benchmarks/serving.py end to end at the CI-sized ``smoke`` scale.
 
-SGLang's own ``bench_serving`` (generated-shared-prefix) and the multi-turn agent trace run
+SGLang's own ``bench_serving`` (generated-shared-prefix, multi-turn over the chat API) and the
+multi-turn agent trace run
 against an fp16 server and a fade-balanced server holding the same KV bytes, on the shipped
 model. Asserted: equal measured pool bytes, the capacity gain, every request served, fade's
 tier stats and Prometheus gauges in the report, JSON and plot written.
@@ -28,7 +29,8 @@ def test_smoke_scale_fp16_vs_fade_at_equal_bytes(tmp_path: Path) -> None:
     assert abs(fade["pool_bytes"] - fp16["pool_bytes"]) <= 0.02 * fp16["pool_bytes"]
     assert fade["capacity_tokens"] > 3 * fp16["capacity_tokens"]  # float32 KV on CPU: ~7x for balanced
     scale = serving.SCALES["smoke"]
-    expected = {"gsp": scale.gsp["num-groups"] * scale.gsp["prompts-per-group"],
+    assert data["scale_config"]["gsp"]["num-turns"] == scale.gsp["num-turns"] > 1  # the shipped model chats
+    expected = {"gsp": scale.gsp["num-groups"] * scale.gsp["prompts-per-group"] * scale.gsp["num-turns"],
                 "agent": scale.agent.sessions * scale.agent.turns}
     for row in (fp16, fade):
         for wl, n in expected.items():
@@ -43,6 +45,19 @@ def test_smoke_scale_fp16_vs_fade_at_equal_bytes(tmp_path: Path) -> None:
     assert (tmp_path / "serving.png").stat().st_size > 0
 
 
-def test_unknown_config_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_arguments_are_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert serving.main(["--configs", "fp16,fp4"]) == 2
     assert "unknown configs ['fp4']" in capsys.readouterr().err
+    assert serving.main(["--gsp-turns", "0"]) == 2
+    assert "--gsp-turns must be >= 1" in capsys.readouterr().err
+
+
+def test_multi_turn_gsp_falls_back_to_one_turn_without_a_chat_template(tmp_path: Path) -> None:
+    said: list[str] = []
+    scale = serving.SCALES["smoke"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    one = serving.gsp_turns_for(scale, tmp_path, said.append)
+    assert one.gsp["num-turns"] == 1 and one.gsp["num-groups"] == scale.gsp["num-groups"]
+    assert "no chat template" in said[0]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert serving.gsp_turns_for(scale, tmp_path, said.append) is scale and len(said) == 1

@@ -25,6 +25,17 @@ def test_tokenizer_is_word_level_with_single_digits(tok) -> None:
     assert tok.unk_token_id not in ids
 
 
+def test_chat_template_joins_message_texts_and_ships_with_the_model(tok) -> None:
+    from transformers import AutoTokenizer
+
+    chat = [{"role": "user", "content": "What is the pass key?"}, {"role": "assistant", "content": "7"}]
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert text == "What is the pass key? . 7 . "
+    assert tok.unk_token_id not in tok(text)["input_ids"]
+    shipped = AutoTokenizer.from_pretrained(str(Path(__file__).resolve().parents[1] / "models" / "fade-tiny-llama"))
+    assert shipped.chat_template == T.CHAT_TEMPLATE  # the script and the shipped files agree
+
+
 def test_documents_have_exact_length_and_weighted_answers(tok) -> None:
     rng = random.Random(0)
     for length in (128, 512):
