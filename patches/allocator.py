@@ -45,6 +45,9 @@ class FadePrefillBudget(PrefillBudget):
     nodes; admitting on all-tier room alone would fail the allocation.
     """
 
+    _admitted = False  # set by reserve(): this pass admitted a prefill (or a chunk)
+    _fp16_chunked = False  # this pass already cut one prefill to the fp16 room
+
     def fp16_room(self) -> int:
         """fp16 slots this pass may still take.
 
@@ -63,9 +66,6 @@ class FadePrefillBudget(PrefillBudget):
         else:
             reclaim = tree.fp16_evictable_size()
         return self.allocator.fp16_available() + reclaim - self.current_offset
-
-    _admitted = False  # set by reserve(): this pass admitted a prefill (or a chunk)
-    _fp16_chunked = False  # this pass already cut one prefill to the fp16 room
 
     def reserve(self, *args: Any, **kwargs: Any) -> None:
         super().reserve(*args, **kwargs)
