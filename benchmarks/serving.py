@@ -138,6 +138,10 @@ def has_chat_template(model: Path) -> bool:
     return config.is_file() and "chat_template" in json.loads(config.read_text())
 
 
+def with_gsp_turns(scale: Scale, turns: int) -> Scale:
+    return replace(scale, gsp={**scale.gsp, "num-turns": turns})
+
+
 def gsp_turns_for(scale: Scale, model: Path, say: Callable[[str], None]) -> Scale:
     """The scale itself, or with one gsp turn when the model cannot be driven through chat:
     bench_serving's multi-turn mode replays conversations over /v1/chat/completions."""
@@ -146,7 +150,7 @@ def gsp_turns_for(scale: Scale, model: Path, say: Callable[[str], None]) -> Scal
         return scale
     say(f"gsp: {model} has no chat template, which multi-turn bench_serving needs; "
         f"running --gsp-num-turns 1 instead of {turns}")
-    return replace(scale, gsp={**scale.gsp, "num-turns": 1})
+    return with_gsp_turns(scale, 1)
 
 
 def _bench_serving_env() -> dict[str, str]:
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gsp_turns < 1:
             print(f"serving.py: error: --gsp-turns must be >= 1 (got {args.gsp_turns})", file=sys.stderr)
             return 2
-        scale = replace(scale, gsp={**scale.gsp, "num-turns": args.gsp_turns})
+        scale = with_gsp_turns(scale, args.gsp_turns)
     dtype = args.dtype if scale.device == "cpu" else "bfloat16"  # GPU servers run the model dtype (sizing only)
     wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(wanted) - {c.name for c in CONFIGS}

@@ -1,9 +1,8 @@
 """benchmarks/serving.py end to end at the CI-sized ``smoke`` scale.
 
 SGLang's own ``bench_serving`` (generated-shared-prefix, multi-turn over the chat API) and the
-multi-turn agent trace run
-against an fp16 server and a fade-balanced server holding the same KV bytes, on the shipped
-model. Asserted: equal measured pool bytes, the capacity gain, every request served, fade's
+multi-turn agent trace run against an fp16 server and a fade-balanced server holding the same
+KV bytes, on the shipped model. Asserted: equal measured pool bytes, the capacity gain, every request served, fade's
 tier stats and Prometheus gauges in the report, JSON and plot written.
 """
 
