@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fade_sglang import evaldata  # noqa: E402
+from fade_sglang.eval import evaldata  # noqa: E402
 
 
 def load(model_dir: str):  # -> (model, tokenizer)

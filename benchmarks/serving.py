@@ -7,7 +7,7 @@ workloads run against it, the cache flushed in between:
 
 * ``gsp``: SGLang's own ``python -m sglang.bench_serving --dataset-name
   generated-shared-prefix`` (groups of prompts sharing a system prompt, multi-turn).
-* ``agent``: :func:`fade_sglang.workloads.run_agent_trace`, a multi-turn agent
+* ``agent``: :func:`fade_sglang.eval.workloads.run_agent_trace`, a multi-turn agent
   trace (shared system prompt, growing per-session conversations, long
   tool-output turns), all sessions in flight.
 
@@ -39,10 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fade_sglang.demo import (DTYPE_BYTES, FADE_ARGS, LOG_ARGS, DemoError, fade_tokens_for_bytes,  # noqa: E402
+from fade_sglang.eval.demo import (DTYPE_BYTES, FADE_ARGS, LOG_ARGS, DemoError, fade_tokens_for_bytes,  # noqa: E402
                               model_geometry, resolve_model)
-from fade_sglang.launcher import ServerProcess, server_env  # noqa: E402
-from fade_sglang.workloads import (AgentTraceSpec, build_agent_trace, load_tokenizer, run_agent_trace,  # noqa: E402
+from fade_sglang.eval.launcher import ServerProcess, server_env  # noqa: E402
+from fade_sglang.eval.workloads import (AgentTraceSpec, build_agent_trace, load_tokenizer, run_agent_trace,  # noqa: E402
                                    scheduler_log_summary)
 
 

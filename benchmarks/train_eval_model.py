@@ -1,7 +1,7 @@
 """Train the tiny Llama used by the quality evaluation (``models/fade-tiny-llama``).
 
 A small Llama (RoPE, GQA) is trained from scratch on CPU on a seeded mixture from
-:mod:`fade_sglang.evaldata`: passkey documents (a 5-digit key hidden in filler), associative
+:mod:`fade_sglang.eval.evaldata`: passkey documents (a 5-digit key hidden in filler), associative
 key-value recall documents (several queries per document), and plain filler text for
 language modelling.  The retrieval tasks only work if the model attends back over the
 whole context, so compressing its KV cache can measurably hurt (or not hurt) accuracy.
@@ -42,8 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fade_sglang import evaldata  # noqa: E402
-from fade_sglang.tiny_model import CHAT_TEMPLATE  # noqa: E402
+from fade_sglang.eval import evaldata  # noqa: E402
+from fade_sglang.eval.tiny_model import CHAT_TEMPLATE  # noqa: E402
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # Llama convention: bos=1, eos=2
 COPY_FRACTION = 0.3  # share of copy documents (random tokens repeated verbatim) in phase 2

@@ -9,22 +9,22 @@ from typing import Callable, Sequence
 
 SUBCOMMANDS = {
     "demo": "start fp16 and fade SGLang servers under the same KV byte budget and compare them",
-    "quality": "passkey / greedy match / NLL through the compressed cache vs fp16 and eviction (python -m fade_sglang.quality)",
-    "fidelity": "quantization error report of the KV formats (same as python -m fade_sglang.fidelity)",
+    "quality": "passkey / greedy match / NLL through the compressed cache vs fp16 and eviction (python -m fade_sglang.eval.quality)",
+    "fidelity": "quantization error report of the KV formats (same as python -m fade_sglang.eval.fidelity)",
 }
 
 
 def _entry(command: str) -> Callable[[list[str]], int]:
     # Imported lazily: `fade-sglang --help` should not import torch.
     if command == "demo":
-        from .demo import main as demo_main
+        from .eval.demo import main as demo_main
 
         return demo_main
     if command == "quality":
-        from .quality import main as quality_main
+        from .eval.quality import main as quality_main
 
         return quality_main
-    from .fidelity import main as fidelity_main
+    from .eval.fidelity import main as fidelity_main
 
     return fidelity_main
 

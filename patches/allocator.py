@@ -191,7 +191,7 @@ class FadeTokenAllocator(BaseTokenToKVPoolAllocator):
 
 def build_allocator_hook(original: Callable[..., Any], kvc: Any, *, sizes: Any, token_to_kv_pool: Any,
                          is_dsv4_model: bool, req_to_token_pool: Any, token_to_kv_pool_allocator: Any) -> Any:
-    from fade_sglang.pool.tiered_pool import TieredKVPool
+    from fade_sglang.patches.pool import TieredKVPool
 
     if not isinstance(token_to_kv_pool, TieredKVPool):
         return original(kvc, sizes=sizes, token_to_kv_pool=token_to_kv_pool, is_dsv4_model=is_dsv4_model,

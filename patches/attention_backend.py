@@ -62,7 +62,7 @@ def _indptr(lens: torch.Tensor) -> torch.Tensor:
 class FadeAttnBackend(AttentionBackend):
     def __init__(self, model_runner: Any, use_triton: bool):
         super().__init__()
-        from fade_sglang.pool.tiered_pool import TieredKVPool
+        from fade_sglang.patches.pool import TieredKVPool
 
         self.name = TRITON_BACKEND if use_triton else TORCH_BACKEND
         self.use_triton = use_triton

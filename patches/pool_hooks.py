@@ -51,7 +51,7 @@ def _cfg_of(kvc: Any) -> FadeConfig | None:
 
 def bound_pool_class(cfg: FadeConfig) -> type:
     """A TieredKVPool subclass carrying ``cfg``, so SGLang's own constructor call needs no extra kwargs."""
-    from fade_sglang.pool.tiered_pool import TieredKVPool
+    from fade_sglang.patches.pool import TieredKVPool
 
     return type("FadeTieredKVPool", (TieredKVPool,), {"fade_config": cfg, "__module__": __name__})
 
@@ -88,7 +88,7 @@ def check_model_supported(kvc: Any, cfg: FadeConfig) -> None:
 def tier_mix_ratio(cfg: FadeConfig, head_dim: int, dtype: torch.dtype) -> float:
     """Effective bytes/token of the tier mix divided by the full-precision bytes/token."""
     from fade_sglang.pool.layout import effective_bytes_per_token
-    from fade_sglang.pool.tiered_pool import tier_bytes_per_token
+    from fade_sglang.pool.tiered_store import tier_bytes_per_token
 
     per_tier = tier_bytes_per_token(cfg, 1, 1, head_dim, dtype)  # the ratio is independent of layers/heads
     return effective_bytes_per_token(cfg.budget, per_tier) / per_tier[0]
@@ -103,7 +103,7 @@ def build_token_to_kv_pool_hook(original: Callable[..., Any], kvc: Any, *args: A
         return original(kvc, *args, **kwargs)
     check_model_supported(kvc, cfg)
     pool = original(kvc, *args, **kwargs)
-    from fade_sglang.pool.tiered_pool import TieredKVPool
+    from fade_sglang.patches.pool import TieredKVPool
 
     if not isinstance(pool, TieredKVPool):
         raise FadeSetupError(f"--kv-compression fade: SGLang built a {type(pool).__name__} instead of the "

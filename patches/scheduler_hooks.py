@@ -47,22 +47,12 @@ class FadeSchedulerState:
 # ----------------------------------------------------------------------------- radix cache
 
 
-def tiered_radix_cache_class() -> type:
-    """The tiered radix cache once the radix package exists, else SGLang's Python RadixCache."""
-    try:
-        from fade_sglang.radix.tiered_radix_cache import TieredRadixCache
-    except ImportError:
-        from sglang.srt.mem_cache.radix_cache import RadixCache
-
-        logger.warning("[fade] fade_sglang.radix not available: using the plain RadixCache (no demotion)")
-        return RadixCache
-    return TieredRadixCache
-
-
 def fade_radix_factory(ctx: Any) -> Any:
     if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.enable_hierarchical_cache:
         raise ValueError("--kv-compression fade: the tiered radix cache supports plain MHA/GQA models only")
-    return tiered_radix_cache_class()(ctx.params)
+    from .radix_cache import TieredRadixCache
+
+    return TieredRadixCache(ctx.params)
 
 
 def register_radix_backend() -> None:

@@ -1,8 +1,11 @@
-"""Shared pytest setup: offline hub, the torchvision fake in-process, and the tiny model."""
+"""Shared pytest setup: offline hub, the torchvision fake in-process, test groups, and the tiny model.
+
+Groups (markers): ``server`` starts real SGLang processes, ``gpu`` needs CUDA (skipped without it);
+everything else is the quick unit group: ``pytest -m "not server and not gpu"``.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -11,7 +14,6 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-FAKES_SITE_DIR = TESTS_DIR / "fakes" / "site"
 
 # Triton binds tl.* when triton is first imported (sglang imports it), so the interpreter
 # switch must be set before anything else on a machine without a GPU. Server children
@@ -26,27 +28,28 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 
-def _load_fake_torchvision() -> None:
-    """Install the torchvision fake by file path: fakes/site stays off sys.path in-process, so
-    the sgl_kernel stand-in there cannot fool feature probes (`import sgl_kernel`) in tests."""
-    name = "fade_fake_torchvision"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, FAKES_SITE_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    module.install()
-
+from fade_sglang.cpu_shims import install_torchvision_fake  # noqa: E402
 
 # sglang.srt.configs imports torchvision.transforms; PyPI torchvision cannot load beside CPU torch.
-_load_fake_torchvision()
+install_torchvision_fake()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated so the markers exist under any rootdir/ini.
     config.addinivalue_line("markers", "server: starts real SGLang server processes (slow)")
     config.addinivalue_line("markers", "triton: runs Triton kernels (under TRITON_INTERPRET=1 on CPU)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

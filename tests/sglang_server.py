@@ -1,12 +1,12 @@
 """Helpers to run real SGLang 0.5.23 server processes on a CPU-only machine (test-only).
 
-* :func:`build_tiny_llama` (from :mod:`fade_sglang.tiny_model`) writes a seeded random
+* :func:`build_tiny_llama` (from :mod:`fade_sglang.eval.tiny_model`) writes a seeded random
   Llama (GQA) plus a locally trained tokenizer, loadable by HF transformers and SGLang offline.
 * :class:`ServerProcess` / :func:`run_server_expect_failure` are re-exported
-  from :mod:`fade_sglang.launcher` (the demo and benchmarks use them too).
+  from :mod:`fade_sglang.eval.launcher` (the demo and benchmarks use them too).
 
-The child processes get ``tests/fakes/site`` on PYTHONPATH: its
-``sitecustomize.py`` installs the import-only torchvision fake and it holds the
+On a host without the real ``sgl_kernel`` the child processes get ``fade_sglang/cpu_shims/site`` on
+PYTHONPATH: its ``sitecustomize.py`` installs the import-only torchvision fake and it holds the
 pure-torch ``sgl_kernel`` stand-in that ``SGLANG_USE_CPU_ENGINE=1`` imports.
 """
 
@@ -16,14 +16,13 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-TESTS_DIR = Path(__file__).resolve().parent
-FAKES_SITE_DIR = TESTS_DIR / "fakes" / "site"
+from fade_sglang.cpu_shims import SITE_DIR as CPU_SHIMS_SITE_DIR  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- tiny model
 
 # The tiny model and its corpus live in the package (the demo builds one when none is shipped).
-from fade_sglang.tiny_model import build_tiny_llama, build_tokenizer, english_like_corpus  # noqa: E402,F401
+from fade_sglang.eval.tiny_model import build_tiny_llama, build_tokenizer, english_like_corpus  # noqa: E402,F401
 
 
 def hf_greedy(model_path: str | os.PathLike, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -48,7 +47,7 @@ def hf_greedy(model_path: str | os.PathLike, input_ids: Sequence[int], max_new_t
 
 # ----------------------------------------------------------------------------- processes
 # The process helpers live in the package (the demo and benchmarks use them too).
-from fade_sglang.launcher import (  # noqa: E402,F401
+from fade_sglang.eval.launcher import (  # noqa: E402,F401
     BASE_SERVER_ARGS,
     DEFAULT_ATTENTION_BACKEND,
     DEFAULT_MAX_TOTAL_TOKENS,

@@ -2,7 +2,7 @@
 
 Also home of the mixed-tier test-case builder that tests/test_kernels.py imports:
 pools are built through TieredKVPool (the real slot layout, real demotions) and
-filled with fade_sglang.synthetic data (outlier channels in K, peaked queries).
+filled with fade_sglang.eval.synthetic data (outlier channels in K, peaked queries).
 
 Oracles: an independent float64 dense attention (GQA by repeat_interleave) over
 the original, unquantized K/V for fp16-only slots, and over ``gather_kv`` values
@@ -25,9 +25,10 @@ if not torch.cuda.is_available():
 from fade_sglang.attention import attend, decode_attention_ref, extend_attention_ref
 from fade_sglang.config import FadeConfig
 from fade_sglang.pool.layout import Tier, split_token_budget
-from fade_sglang.pool.tiered_pool import TieredKVPool, tier_bytes_per_token
+from fade_sglang.patches.pool import TieredKVPool
+from fade_sglang.pool.tiered_store import tier_bytes_per_token
 from fade_sglang.pool.view import gather_kv
-from fade_sglang.synthetic import correlated_queries, synthetic_kv
+from fade_sglang.eval.synthetic import correlated_queries, synthetic_kv
 
 BUDGETS = {
     "all": {"fp16": 0.5, "warm": 0.3, "cold": 0.2},

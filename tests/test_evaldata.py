@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fade_sglang import evaldata
+from fade_sglang.eval import evaldata
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "fade-tiny-llama"
 

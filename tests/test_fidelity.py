@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fade_sglang.fidelity import fidelity_report
+from fade_sglang.eval.fidelity import fidelity_report
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_rows_are_measured_not_trivial(rows: dict) -> None:
 
 
 def test_cli_json_schema() -> None:
-    out = subprocess.run([sys.executable, "-m", "fade_sglang.fidelity", "--json", "--tokens", "256", "--kv-heads", "2"],
+    out = subprocess.run([sys.executable, "-m", "fade_sglang.eval.fidelity", "--json", "--tokens", "256", "--kv-heads", "2"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     formats = json.loads(out)["formats"]
     keys = {"name", "bits", "bytes_per_token_head", "compression", "k_rel_err", "v_rel_err", "attn_out_rel_err"}
@@ -59,6 +59,6 @@ def test_cli_json_schema() -> None:
 
 
 def test_cli_rejects_bad_arguments() -> None:
-    res = subprocess.run([sys.executable, "-m", "fade_sglang.fidelity", "--head-dim", "102"],
+    res = subprocess.run([sys.executable, "-m", "fade_sglang.eval.fidelity", "--head-dim", "102"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "2-bit packing" in res.stderr and "Traceback" not in res.stderr

@@ -23,10 +23,10 @@ import torch
 
 from fade_sglang.config import FadeConfig
 from fade_sglang.pool.layout import Tier
-from fade_sglang.pool.tiered_pool import TieredKVPool
+from fade_sglang.patches.pool import TieredKVPool
 from fade_sglang.pool.view import TieredLayerKV
 from fade_sglang.quant import QuantFormat, dequantize, quantize, unpack_codes
-from fade_sglang.synthetic import synthetic_kv
+from fade_sglang.eval.synthetic import synthetic_kv
 from test_attention_reference import (
     _Layer,
     _extend_inputs,
@@ -56,7 +56,7 @@ def _kernels():
     import fade_sglang.kernels as kernels
 
     if not isinstance(kernels.decode._decode_stage1, InterpretedFunction):
-        for name in ("decode", "extend", "quantize"):
+        for name in ("decode", "extend", "quantize", "dispatch"):
             importlib.reload(importlib.import_module(f"fade_sglang.kernels.{name}"))
         kernels = importlib.reload(kernels)
     return kernels

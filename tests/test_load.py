@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from fade_sglang.workloads import (AgentTraceSpec, build_agent_trace, load_tokenizer, run_agent_trace,
+from fade_sglang.eval.workloads import (AgentTraceSpec, build_agent_trace, load_tokenizer, run_agent_trace,
                                    stream_generate)
 from sglang_server import ServerProcess
 

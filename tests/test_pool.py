@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from fade_sglang.config import FadeConfig
 from fade_sglang.pool import PoolExhaustedError, SlotError, Tier, TierLayout
-from fade_sglang.pool.tiered_pool import TieredKVPool
-from fade_sglang.synthetic import synthetic_kv
+from fade_sglang.patches.pool import TieredKVPool
+from fade_sglang.eval.synthetic import synthetic_kv
 
 LAYERS, HEADS, DIM = 2, 2, 64
 
@@ -194,8 +194,10 @@ def test_random_sequences_conserve_slots(sequence) -> None:
 @pytest.mark.triton
 def test_demotion_through_the_quantize_kernel_matches_the_torch_path() -> None:
     """The fused Triton quantize-on-demote (CUDA default; interpreter here) stores what the torch path stores."""
+    from fade_sglang.kernels import quantize_rows
+
     pools = [make_pool(), make_pool()]
-    pools[1].demote_kernel = True  # pools[0] keeps the torch path on CPU
+    pools[1].quantize_rows_fn = quantize_rows  # pools[0] keeps the torch path on CPU
     reads = []
     for pool in pools:
         slots = pool.alloc(80)

@@ -1,6 +1,6 @@
 """The quality harness on real CPU servers with the shipped evaluation model (CI-sized).
 
-Runs :func:`fade_sglang.quality.run_quality` once on ``models/fade-tiny-llama`` (bfloat16
+Runs :func:`fade_sglang.eval.quality.run_quality` once on ``models/fade-tiny-llama`` (bfloat16
 KV): 20 passkey prompts at 512 tokens (5 depths x 4), key-value recall NLL and short greedy
 continuations, against fp16 KV, the safe and balanced presets and the StreamingLLM-style
 eviction baseline at fade-balanced's measured bytes. Asserted: the model really retrieves
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fade_sglang.quality import (DEFAULT_MODEL, QualityConfig, SettingResult, format_table, keep_recent_for,
+from fade_sglang.eval.quality import (DEFAULT_MODEL, QualityConfig, SettingResult, format_table, keep_recent_for,
                                  run_quality)
 
 pytestmark = pytest.mark.server
@@ -104,7 +104,7 @@ def test_compression_changes_what_the_model_computes(results: dict[str, SettingR
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fade_sglang.quality import main
+    from fade_sglang.eval.quality import main
 
     for argv, msg in ((["--model-path", str(tmp_path)], "no config.json"),
                       (["--settings", "fp16,nope"], "unknown ['nope']"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fade_sglang.quant import QuantFormat, QuantizedKV, dequantize, pack_codes, quantize, unpack_codes
-from fade_sglang.synthetic import synthetic_kv
+from fade_sglang.eval.synthetic import synthetic_kv
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

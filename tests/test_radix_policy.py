@@ -12,7 +12,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from fade_sglang.pool import Tier
-from fade_sglang.radix.tiered_radix_cache import TieredRadixCache
+from fade_sglang.patches.radix_cache import TieredRadixCache
 from test_radix_property import Sim, small_config
 
 LATER = 1e6  # seconds: far past every idle threshold

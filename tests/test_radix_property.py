@@ -25,10 +25,10 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from fade_sglang.config import FadeConfig
 from fade_sglang.pool import Tier
-from fade_sglang.pool.tiered_pool import TieredKVPool
+from fade_sglang.patches.pool import TieredKVPool
 from fade_sglang.patches.allocator import FadeTokenAllocator
-from fade_sglang.radix.tiered_radix_cache import TieredRadixCache
-from fade_sglang.synthetic import synthetic_kv
+from fade_sglang.patches.radix_cache import TieredRadixCache
+from fade_sglang.eval.synthetic import synthetic_kv
 
 HEADS, DIM, LAYERS = 2, 64, 2
 TABLE = 1024  # distinct synthetic KV rows; a token's KV row is picked by a hash of its prefix

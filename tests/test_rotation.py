@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fade_sglang.quant import rotation_matrix
-from fade_sglang.synthetic import synthetic_kv
+from fade_sglang.eval.synthetic import synthetic_kv
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])

@@ -1,6 +1,6 @@
 """A real CPU SGLang server (fade plugin installed, flag absent) matches HF greedy decoding.
 
-Also checks the test-only fakes that make such a server possible on CPU.
+Also checks the CPU shims (fade_sglang.cpu_shims) that make such a server possible on CPU.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Iterator
 import pytest
 import torch
 
-from sglang_server import FAKES_SITE_DIR, ServerProcess, hf_greedy
+from sglang_server import CPU_SHIMS_SITE_DIR, ServerProcess, hf_greedy
 
 PROMPTS = ["The cat sees a red ball", "My friend paints the green house after dinner, and"]
 MAX_NEW_TOKENS = 16
 
 
 def _load_fake_sgl_kernel():
-    spec = importlib.util.spec_from_file_location("fade_fake_sgl_kernel", FAKES_SITE_DIR / "sgl_kernel" / "__init__.py")
+    spec = importlib.util.spec_from_file_location("fade_fake_sgl_kernel", CPU_SHIMS_SITE_DIR / "sgl_kernel" / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

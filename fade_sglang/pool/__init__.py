@@ -5,4 +5,4 @@ from .layout import Tier, TierLayout, effective_bytes_per_token, split_token_bud
 
 __all__ = ["PoolExhaustedError", "SlotError", "Tier", "TierAllocator", "TierLayout",
            "effective_bytes_per_token", "split_token_budget"]
-# TieredKVPool lives in .tiered_pool and imports SGLang; import it from there explicitly.
+# TieredKVStore (.tiered_store) is the pool itself; SGLang's view of it is fade_sglang.patches.pool.TieredKVPool.

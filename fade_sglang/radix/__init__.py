@@ -1,5 +1,3 @@
-"""Tiered radix cache policy: fp16 shared prefixes / sinks, idle and running demotion, demote-before-evict.
-
-``TieredRadixCache`` imports SGLang; import it from ``.tiered_radix_cache``. ``policy`` is SGLang-free.
-The SGLang-facing allocator it frees through lives with the glue: ``fade_sglang.patches.allocator``.
-"""
+"""Tiered radix cache policy (SGLang-free): which tree tokens stay fp16 (sinks, shared prefixes, locked
+nodes, recent tokens) and which may be demoted. ``fade_sglang.patches.radix_cache.TieredRadixCache``
+applies it to SGLang's ``RadixCache``; ``fade_sglang.patches.running_demotion`` ages running requests."""

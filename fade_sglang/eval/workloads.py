@@ -3,7 +3,7 @@
 * :class:`AgentTraceSpec` / :func:`build_agent_trace`: a multi-turn agent trace.
   Every session starts from the same system prompt; each turn appends a user
   message or a long tool-output-like block to the session's history, then the
-  model's answer. Text comes from :mod:`fade_sglang.evaldata`'s filler grammar
+  model's answer. Text comes from :mod:`fade_sglang.eval.evaldata`'s filler grammar
   (the distribution the shipped tiny model was trained on).
 * :func:`run_agent_trace`: drives a trace against a server over SGLang's native
   streaming ``/generate`` (sessions run concurrently, turns of one session in

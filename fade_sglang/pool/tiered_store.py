@@ -1,7 +1,11 @@
-"""TieredKVPool: an SGLang ``MHATokenToKVPool`` whose slot space holds three precision tiers.
+"""TieredKVStore: one slot space holding three precision tiers (the SGLang-free core of the pool).
 
-* FP16 tier: SGLang's own per-layer ``k_buffer`` / ``v_buffer`` (model dtype), so
-  every write path SGLang has keeps working; new tokens always land here.
+The pool SGLang serves from (``fade_sglang.patches.pool.TieredKVPool``) is this store behind
+SGLang's ``MHATokenToKVPool`` interface; everything here runs without SGLang.
+
+* FP16 tier: one ``[layers, 2, rows, H, D]`` buffer (model dtype) whose per-layer views are
+  SGLang's ``k_buffer`` / ``v_buffer``, so every write path SGLang has keeps working; new
+  tokens always land here.
 * Warm / cold tiers: :class:`PackedTierStore` buffers (packed INT4 / INT2 by
   default) in the rotated space, K additionally centered by a per-(layer, head)
   mean frozen at the first demotion (a fixed shift of every key leaves softmax
@@ -15,10 +19,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from ..config import FadeConfig
 from ..quant import QuantFormat, rotation_matrix
@@ -27,79 +30,78 @@ from .layout import Tier, TierLayout, effective_bytes_per_token, split_token_bud
 from .packed_store import PackedTierStore
 from .view import PackedLayerKV, TieredLayerKV, gather_kv
 
-__all__ = ["PackedLayerKV", "TieredKVPool", "TieredLayerKV", "tier_bytes_per_token"]
+__all__ = ["PackedLayerKV", "QuantizeRowsFn", "TieredKVStore", "TieredLayerKV", "tier_bytes_per_token"]
 
 logger = logging.getLogger(__name__)
 # Upper bound of the float32 temporaries of one demotion chunk ([layers, 2, n, H, D]).
 _DEMOTE_CHUNK_ELEMS = 1 << 24
+# The fused quantize launch (``fade_sglang.kernels.quantize_rows``); the adapter injects it where it runs.
+QuantizeRowsFn = Callable[..., None]
 
 
 def tier_bytes_per_token(cfg: FadeConfig, layers: int, heads: int, head_dim: int,
-                         dtype: torch.dtype) -> tuple[int, int, int]:
-    """Exact storage bytes of one token (all layers, K and V) in each tier, scales and zeros included."""
-    per_head = (head_dim * torch.empty((), dtype=dtype).element_size(),
+                         dtype: torch.dtype | int) -> tuple[int, int, int]:
+    """Exact storage bytes of one token (all layers, K and V) in each tier, scales and zeros included.
+
+    ``dtype``: the fp16 tier's dtype, or its element size in bytes."""
+    elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
+    per_head = (head_dim * elem,
                 cfg.warm_format.bytes_per_token_head(head_dim),
                 cfg.cold_format.bytes_per_token_head(head_dim))
     return tuple(2 * layers * heads * b for b in per_head)  # type: ignore[return-value]
 
 
-class TieredKVPool(MHATokenToKVPool):
-    """``size`` is the total token capacity over all tiers (SGLang sizes it from the effective bytes/token)."""
+class TieredKVStore:
+    """``size`` is the total token capacity over all tiers (SGLang sizes it from the effective bytes/token).
 
-    fade_config: FadeConfig | None = None  # set on a bound subclass when SGLang constructs the pool
+    ``quantize_rows_fn``: the fused quantize kernel used for demotion (the adapter passes it on CUDA);
+    None quantizes with the torch reference. ``allocate_fp16=False`` leaves the fp16 buffer to a
+    subclass whose base class allocates buffers later (it calls :meth:`_allocate_fp16` then).
+    """
 
-    def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
-                 layer_num: int, device: str, enable_memory_saver: bool, *args: Any,
-                 fade_config: FadeConfig | None = None, strict: bool | None = None,
-                 demote_kernel: bool | None = None, **kwargs: Any):
-        cfg = fade_config or type(self).fade_config or FadeConfig()
+    def __init__(self, size: int, dtype: torch.dtype, head_num: int, head_dim: int, layer_num: int,
+                 device: str | torch.device, fade_config: FadeConfig | None = None, strict: bool | None = None,
+                 quantize_rows_fn: QuantizeRowsFn | None = None, page_size: int = 1, allocate_fp16: bool = True):
+        cfg = fade_config or FadeConfig()
         if page_size != 1:
             raise ValueError(f"fade KV compression supports page_size 1 only (got {page_size})")
-        if kwargs.get("v_head_dim") not in (None, head_dim):
-            raise ValueError("fade KV compression needs v_head_dim == head_dim")
         for fmt in (cfg.warm_format, cfg.cold_format):
             fmt.check_head_dim(head_dim)
         self.fade_config = cfg
+        self.head_num, self.head_dim, self.layer_num = head_num, head_dim, layer_num
+        self.start_layer = 0
         self.tier_bytes = tier_bytes_per_token(cfg, layer_num, head_num, head_dim, dtype)
         self.layout = TierLayout(*split_token_budget(size, cfg.budget, self.tier_bytes), page_size=page_size)
         self.formats: dict[Tier, QuantFormat] = {Tier.WARM: cfg.warm_format, Tier.COLD: cfg.cold_format}
-        # Packed stores first: the base constructor logs get_kv_size_bytes(), which counts them.
         self.stores: dict[Tier, PackedTierStore] = {
             t: PackedTierStore(self.formats[t], layer_num, self.layout.capacity(t), head_num, head_dim, device)
             for t in (Tier.WARM, Tier.COLD) if self.layout.capacity(t) > 0
         }
-        super().__init__(self.layout.fp16_slots, page_size, dtype, head_num, head_dim, layer_num, device,
-                         enable_memory_saver, *args, **kwargs)
         self.total_size = self.layout.total_slots
         self.strict = (torch.device(device).type == "cpu") if strict is None else strict
-        # Demotion quantizes through the fused Triton kernel where it runs natively (CUDA) and
-        # head_dim suits it; the torch path (also the reference) elsewhere.
-        self.demote_kernel = (torch.device(device).type == "cuda") if demote_kernel is None else demote_kernel
-        if self.demote_kernel:
-            from ..kernels.decode import supported_head_dim
-
-            self.demote_kernel = supported_head_dim(head_dim)
+        self.quantize_rows_fn = quantize_rows_fn
         self.rotation = rotation_matrix(head_dim, cfg.rotation_seed, torch.float32, device) if cfg.rotation else None
         self.k_center = torch.zeros(layer_num, head_num, head_dim, dtype=torch.float32, device=device)
         self._center_frozen = [not cfg.center_keys] * layer_num
         self.allocators = [TierAllocator(t.name.lower(), self.layout.base(t), self.layout.capacity(t), device,
                                          self.strict) for t in Tier]
         self.demoted_tokens = {(Tier.FP16, Tier.WARM): 0, (Tier.FP16, Tier.COLD): 0, (Tier.WARM, Tier.COLD): 0}
+        if allocate_fp16:
+            self._allocate_fp16(dtype, device)
 
-    # ------------------------------------------------------------------ SGLang buffer layout
-    def _create_buffers_normal(self) -> None:
+    def fp16_buffer_shape(self) -> tuple[int, int, int]:
+        """Rows of one fp16 K (or V) layer: the tier's slots plus the padding below them (slot 0)."""
+        return (self.layout.fp16_slots + self.layout.page_size, self.head_num, self.head_dim)
+
+    def _allocate_fp16(self, dtype: torch.dtype, device: str | torch.device) -> None:
         """One [layers, 2, rows, H, D] allocation so demotion gathers all layers in one op."""
-        k_shape, v_shape = self._kv_buffer_shapes()
-        if self.kv_cache_layout != "nhd" or k_shape != v_shape:
-            raise ValueError("fade KV compression needs the NHD KV layout with equal K/V shapes")
-        self.kv_fp16 = torch.zeros(self.layer_num, 2, *k_shape, dtype=self.store_dtype, device=self.device)
+        self.kv_fp16 = torch.zeros(self.layer_num, 2, *self.fp16_buffer_shape(), dtype=dtype, device=device)
         self.k_buffer = [self.kv_fp16[l, 0] for l in range(self.layer_num)]
         self.v_buffer = [self.kv_fp16[l, 1] for l in range(self.layer_num)]
 
-    def get_kv_size_bytes(self) -> tuple[int, int]:
-        k, v = super().get_kv_size_bytes()
-        packed = sum(s.nbytes for s in self.stores.values())
-        return k + packed // 2, v + packed - packed // 2
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed tiers' buffers (codes, scales and zeros)."""
+        return sum(s.nbytes for s in self.stores.values())
 
     # ------------------------------------------------------------------ slots
     def tier_of(self, slots: torch.Tensor) -> torch.Tensor:
@@ -158,21 +160,27 @@ class TieredKVPool(MHATokenToKVPool):
                 self._center_frozen[l] = True
 
     # ------------------------------------------------------------------ writes
-    def set_kv_buffer(self, layer: Any, loc: Any, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      k_scale: float | None = None, v_scale: float | None = None,
-                      layer_id_override: int | None = None, dcp_kv_mask: torch.Tensor | None = None) -> None:
-        """Write K/V; slots in packed tiers are quantized on write (serving only ever writes fp16 slots)."""
-        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
-        if isinstance(loc, torch.Tensor) and self.strict:
-            self._check_write(loc, cache_k, cache_v)
-            packed = loc >= self.layout.warm_base
-            if bool(packed.any()):
-                self._write_packed(layer_id - self.start_layer, loc[packed], cache_k[packed], cache_v[packed])
-                keep = ~packed
-                loc, cache_k, cache_v = loc[keep], cache_k[keep], cache_v[keep]
-                if loc.numel() == 0:
-                    return
-        super().set_kv_buffer(layer, loc, cache_k, cache_v, k_scale, v_scale, layer_id_override, dcp_kv_mask)
+    def write_kv(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+        """Write K/V of one layer (counted from 0); slots in packed tiers are quantized on write."""
+        loc, cache_k, cache_v = self.write_packed_part(layer_idx, loc, cache_k, cache_v)
+        if loc.numel():
+            self.k_buffer[layer_idx][loc] = cache_k.to(self.kv_fp16.dtype)
+            self.v_buffer[layer_idx][loc] = cache_v.to(self.kv_fp16.dtype)
+
+    def write_packed_part(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantize the rows of ``loc`` that fall in packed tiers and return the fp16 rest.
+
+        Only in strict mode: serving only ever writes fp16 slots, so the GPU path skips the check."""
+        if not self.strict:
+            return loc, cache_k, cache_v
+        self._check_write(loc, cache_k, cache_v)
+        packed = loc >= self.layout.warm_base
+        if not bool(packed.any()):
+            return loc, cache_k, cache_v
+        self._write_packed(layer_idx, loc[packed], cache_k[packed], cache_v[packed])
+        keep = ~packed
+        return loc[keep], cache_k[keep], cache_v[keep]
 
     def _check_write(self, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
         want = (loc.shape[0], self.head_num, self.head_dim)
@@ -235,14 +243,14 @@ class TieredKVPool(MHATokenToKVPool):
         store = self.stores[dst_tier]
         for i in range(0, src.numel(), step):  # bounded temporaries; chunks of many tokens, not a token loop
             s, d = src[i:i + step], self.layout.local_index(dst[i:i + step], dst_tier)
-            if src_tier == Tier.FP16 and self.demote_kernel and all(self._center_frozen):
+            if src_tier == Tier.FP16 and self.quantize_rows_fn is not None and all(self._center_frozen):
                 self._quantize_kernel(self.kv_fp16, d, store, src_rows=s, fused=True)
                 continue
             if src_tier == Tier.FP16:
                 x = self._to_packed_space(self.kv_fp16[:, :, s], slice(None))  # freezes centers on first use
             else:
                 x = self.stores[src_tier].read(self.layout.local_index(s, src_tier))
-            if self.demote_kernel:
+            if self.quantize_rows_fn is not None:
                 self._quantize_kernel(x, d, store)
             else:
                 store.write(d, x)
@@ -250,10 +258,8 @@ class TieredKVPool(MHATokenToKVPool):
     def _quantize_kernel(self, src: torch.Tensor, rows: torch.Tensor, store: PackedTierStore,
                          src_rows: torch.Tensor | None = None, fused: bool = False) -> None:
         """One launch for all layers, K and V; ``fused`` gathers model-space rows and rotates/centers in-kernel."""
-        from ..kernels import quantize_rows
-
         center = self.k_center if fused and self.fade_config.center_keys else None
-        quantize_rows(src, store.data, store.scale, store.zero, rows, store.fmt, src_rows=src_rows,
+        self.quantize_rows_fn(src, store.data, store.scale, store.zero, rows, store.fmt, src_rows=src_rows,
                       rotation=self.rotation if fused else None, k_center=center)
 
     # ------------------------------------------------------------------ reads

@@ -1,7 +1,7 @@
 """Fidelity report: every KV format on the same seeded synthetic data, against an fp64 reference.
 
-    python -m fade_sglang.fidelity            # table
-    python -m fade_sglang.fidelity --json     # {"formats": [...]}
+    python -m fade_sglang.eval.fidelity            # table
+    python -m fade_sglang.eval.fidelity --json     # {"formats": [...]}
 
 Rows: ``fp16``; the project's tiers (``tier-int4*``, ``tier-int2*``, including
 ``tier-int2-via-int4`` which measures the INT4 -> INT2 demotion path that goes
@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from .config import FadeConfig
-from .quant import QuantFormat, dequantize, quantize, rotation_matrix
+from ..config import FadeConfig
+from ..quant import QuantFormat, dequantize, quantize, rotation_matrix
 from .synthetic import correlated_queries, synthetic_kv
 
 __all__ = ["FidelityRow", "fidelity_report", "main"]
@@ -189,7 +189,7 @@ def _print_table(rows: list[FidelityRow], file=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fade_sglang.fidelity", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fade_sglang.eval.fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--kv-heads", type=int, default=8)

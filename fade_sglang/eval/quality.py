@@ -1,4 +1,4 @@
-"""Quality through the compressed cache, on the real serving path (``python -m fade_sglang.quality``).
+"""Quality through the compressed cache, on the real serving path (``python -m fade_sglang.eval.quality``).
 
 Every number comes from real ``sglang.launch_server`` processes. The protocol is the
 multi-turn one fade-sglang is built for:
@@ -498,7 +498,7 @@ def plot(results: Sequence[SettingResult], cfg: QualityConfig, path: Path) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fade_sglang.quality", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fade_sglang.eval.quality", description=__doc__.split("\n")[0])
     p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="bfloat16", help="server dtype (KV is stored in it; default bfloat16)")
     p.add_argument("--lengths", default="256,512,1024", help="passkey context lengths (comma separated)")
@@ -537,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     a.out.mkdir(parents=True, exist_ok=True)
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-               "command": "python -m fade_sglang.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "command": "python -m fade_sglang.eval.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
                "results": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in results]}
     (a.out / "quality.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(results, cfg, a.out / "quality.png")

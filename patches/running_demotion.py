@@ -12,14 +12,11 @@ Positions below ``sink_tokens`` and the last ``recent_window`` committed tokens 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..pool import Tier
-
-if TYPE_CHECKING:
-    from .tiered_radix_cache import TieredRadixCache
+from fade_sglang.pool import Tier
 
 __all__ = ["RunningDemoter"]
 
@@ -33,8 +30,8 @@ class _Plan:
 
 
 class RunningDemoter:
-    def __init__(self, cache: "TieredRadixCache"):
-        self.cache = cache
+    def __init__(self, cache: Any):
+        self.cache = cache  # the TieredRadixCache that owns this demoter (not imported: no import cycle)
 
     def demote(self, reqs: list[Any], req_to_token_pool: Any, recent_window: int | None = None,
                demote_chunk: int | None = None, include_prompt: bool = False) -> int:

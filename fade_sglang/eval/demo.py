@@ -8,7 +8,7 @@ baseline's exact prompts, so greedy outputs compare token by token), and prints
 a side-by-side table (or ``--json``).
 
 Servers run in their own process groups and are always stopped, also on
-Ctrl-C / SIGTERM (see :class:`fade_sglang.launcher.ServerProcess`).
+Ctrl-C / SIGTERM (see :class:`fade_sglang.eval.launcher.ServerProcess`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 from .workloads import (AgentTrace, AgentTraceSpec, TraceRun, TurnRecord, build_agent_trace, load_tokenizer,
                         run_agent_trace, scheduler_log_summary, token_agreement)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "fade-tiny-llama"
 # Random weights (capacity, speed, serving correctness), used when no trained model is shipped.
 GENERATED_MODEL = REPO_ROOT / ".cache" / "tiny-llama-random"
@@ -81,15 +81,12 @@ def model_geometry(model_path: Path, dtype: str = "float32") -> KVGeometry:
 
 def fade_tokens_for_bytes(geom: KVGeometry, preset: str, budget_bytes: int) -> tuple[int, float]:
     """Tokens (over all tiers) a fade pool of ``preset`` holds in ``budget_bytes``; and its bytes/token."""
-    from .config import FadeConfig
-    from .pool.layout import effective_bytes_per_token
+    from ..config import FadeConfig
+    from ..pool.layout import effective_bytes_per_token
+    from ..pool.tiered_store import tier_bytes_per_token
 
     cfg = FadeConfig.from_preset(preset)
-    # Same sum as pool.tiered_pool.tier_bytes_per_token, which cannot be imported here: that module
-    # imports SGLang's pool, and SGLang's configs import torchvision (faked only in server children).
-    per_head = (geom.head_dim * geom.dtype_bytes, cfg.warm_format.bytes_per_token_head(geom.head_dim),
-                cfg.cold_format.bytes_per_token_head(geom.head_dim))
-    per_tier = tuple(2 * geom.layers * geom.kv_heads * b for b in per_head)
+    per_tier = tier_bytes_per_token(cfg, geom.layers, geom.kv_heads, geom.head_dim, geom.dtype_bytes)
     eff = effective_bytes_per_token(cfg.budget, per_tier)
     # The fp16 tier keeps one padding row (slot 0) like SGLang's pool: leave its bytes out.
     return math.floor((budget_bytes - per_tier[0]) / eff), eff
@@ -101,7 +98,7 @@ def fp16_tier_shortfall(geom: KVGeometry, preset: str, budget_bytes: int, concur
     Every running request keeps its sinks, its recent window and up to one demotion chunk in
     fp16; when the tier cannot hold them all, SGLang keeps retracting requests.
     """
-    from .config import FadeConfig
+    from ..config import FadeConfig
 
     cfg = FadeConfig.from_preset(preset)
     slots = int(budget_bytes * cfg.budget[0] / geom.full_bytes_per_token)
@@ -304,7 +301,7 @@ def resolve_model(arg: str | None, say: Callable[[str], None] = lambda _: None) 
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from .config import PRESETS
+    from ..config import PRESETS
 
     if args.preset not in PRESETS:
         raise DemoError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")

@@ -1,5 +1,8 @@
 """TieredRadixCache: SGLang's classic ``RadixCache`` whose cached KV ages from fp16 to INT4 to INT2.
 
+The SGLang side of the radix policy: which tokens may move is decided by the SGLang-free
+``fade_sglang.radix.policy``; this class applies it to SGLang's tree.
+
 Tiers are encoded in the slot index (``TieredKVPool``), so demoting a node is
 "quantize into a lower-tier slot, rewrite ``node.value``": splits, matching and
 locking of the base tree keep working unchanged. Token counts
@@ -22,11 +25,12 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
-from ..config import FadeConfig
-from ..pool import Tier
-from ..pool.tiered_pool import TieredKVPool
-from .policy import NodeView, iter_candidates, movable_positions, walk_tree
-from .running import RunningDemoter
+from fade_sglang.config import FadeConfig
+from fade_sglang.pool import Tier
+from fade_sglang.radix.policy import NodeView, iter_candidates, movable_positions, walk_tree
+
+from .pool import TieredKVPool
+from .running_demotion import RunningDemoter
 
 __all__ = ["TieredRadixCache"]
 

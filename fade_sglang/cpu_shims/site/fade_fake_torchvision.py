@@ -1,4 +1,4 @@
-"""Import-only stand-in for ``torchvision`` (test-only).
+"""Import-only stand-in for ``torchvision`` (CPU hosts only; see ``fade_sglang.cpu_shims``).
 
 PyPI torchvision cannot load beside the CPU torch wheel (``torchvision::nms does
 not exist``), yet ``sglang.srt.configs`` imports ``torchvision.transforms`` at
@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 import types
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ _SUBMODULES = frozenset({
 
 
 def _unavailable(what: str) -> NotImplementedError:
-    return NotImplementedError(f"{what} is part of the import-only fake torchvision used by fade-sglang tests")
+    return NotImplementedError(f"{what} is part of the import-only fake torchvision used by fade-sglang on CPU hosts")
 
 
 class _PlaceholderMeta(type):
@@ -83,3 +84,17 @@ def install() -> None:
     for name in [m for m in sys.modules if m == _ROOT or m.startswith(_ROOT + ".")]:
         del sys.modules[name]  # a half-imported real torchvision must not linger
     sys.meta_path.insert(0, FakeTorchvisionFinder())
+
+
+def install_if_unusable() -> None:
+    """Install the fake only where the real torchvision is missing or fails to import (the PyPI wheel
+    beside the CPU torch wheel: ``operator torchvision::nms does not exist``)."""
+    if any(isinstance(f, FakeTorchvisionFinder) for f in sys.meta_path):
+        return
+    if importlib.util.find_spec(_ROOT) is not None:
+        try:
+            importlib.import_module(_ROOT)
+            return
+        except Exception:  # noqa: BLE001 - any failure means the real package is unusable here
+            pass
+    install()

@@ -3,8 +3,8 @@
 :class:`ServerProcess` launches a server in its own process group, waits until
 it serves, and always stops the whole group (also on errors and Ctrl-C).
 On a CPU-only machine SGLang needs two import stand-ins (a torchvision import
-fake and a pure-torch ``sgl_kernel`` op); they live in the repository's
-``tests/fakes/site`` and are put first on the child's PYTHONPATH when present.
+fake and a pure-torch ``sgl_kernel`` op); they live in :mod:`fade_sglang.cpu_shims`
+and go first on the child's PYTHONPATH only on a host without the real ``sgl_kernel``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["CPU_SHIMS_DIR", "BASE_SERVER_ARGS", "ServerProcess", "ServerStartupError", "free_port",
+from ..cpu_shims import shim_pythonpath
+
+__all__ = ["BASE_SERVER_ARGS", "ServerProcess", "ServerStartupError", "free_port",
            "launch_command", "run_server_expect_failure", "server_env", "tail"]
 
-CPU_SHIMS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fakes" / "site"
-FAKES_SITE_DIR = CPU_SHIMS_DIR
 
 # The CPU baseline every server starts from (see notes/sglang-0.5.23.md).
 BASE_SERVER_ARGS: tuple[str, ...] = (
@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a CPU SGLang child: offline hub, CPU engine, fakes first on PYTHONPATH."""
+    """Environment for a CPU SGLang child: offline hub, CPU engine, CPU shims first on PYTHONPATH where needed."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
@@ -57,7 +57,7 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
     )
-    shims = [str(FAKES_SITE_DIR)] if FAKES_SITE_DIR.is_dir() else []
+    shims = shim_pythonpath()
     paths = shims + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     if extra:

@@ -1,4 +1,4 @@
-"""Pure-torch stand-in for ``sgl_kernel`` (test-only; on PYTHONPATH of CPU server children).
+"""Pure-torch stand-in for ``sgl_kernel`` (on the PYTHONPATH of CPU server children only, see ``fade_sglang.cpu_shims``).
 
 ``SGLANG_USE_CPU_ENGINE=1`` makes SGLang import ``sgl_kernel``, which has no CPU
 build on PyPI. On a CPU without AMX the only op the serving path calls is
