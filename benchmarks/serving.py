@@ -221,7 +221,7 @@ def fade_summary(stats: dict[str, Any]) -> dict[str, Any]:
                   for n, t in stats["tiers"].items()},
         "tokens": stats["tokens"], "stored_bytes": stats["stored_bytes"],
         "compression_ratio": stats["compression_ratio"], "demoted_tokens": stats["demoted_tokens"],
-        "evicted_tokens": radix.get("evicted_tokens"), "demotion_errors": stats.get("demotion_errors"),
+        "evicted_tokens": radix.get("evicted_tokens"),
     }
 
 

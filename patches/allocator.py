@@ -59,9 +59,7 @@ class FadePrefillBudget(PrefillBudget):
         release its own KV), eviction is the only way forward and every unlocked fp16 token counts.
         """
         tree = self.tree_cache
-        if not hasattr(tree, "fp16_evictable_size"):  # plain RadixCache fallback: no tiers to tell apart
-            reclaim = tree.evictable_size()
-        elif self.allocator.running_requests > 0 or self._admitted:
+        if self.allocator.running_requests > 0 or self._admitted:
             reclaim = tree.fp16_demotable_size()
         else:
             reclaim = tree.fp16_evictable_size()

@@ -133,6 +133,16 @@ def check_compatibility(get: Callable[[str], Any]) -> None:
     for name, flag in conflicts:
         if get(name):
             raise FadeConfigError(f"--kv-compression fade cannot be combined with {flag}")
+    if get("disable_radix_cache"):
+        raise FadeConfigError(
+            "--kv-compression fade cannot be combined with --disable-radix-cache: fade's tiers live in the radix "
+            "cache (idle branches age there, and pressure demotes them before anything is evicted)")
+    for name, flag, why in (("tp_size", "--tp-size", "tensor"), ("pp_size", "--pp-size", "pipeline")):
+        size = get(name)
+        if size not in (None, 1):
+            raise FadeConfigError(
+                f"--kv-compression fade does not support {why} parallelism yet ({flag} {size}): every rank "
+                f"would have to make the same demotion decisions, which fade does not synchronize yet")
     spec = get("speculative_algorithm")
     if spec:
         raise FadeConfigError(
@@ -141,6 +151,52 @@ def check_compatibility(get: Callable[[str], Any]) -> None:
     if disagg not in (None, "null"):
         raise FadeConfigError(
             f"--kv-compression fade does not support PD disaggregation yet (--disaggregation-mode {disagg})")
+
+
+# HF config fields that mark an attention fade's MHA/GQA pool and backends cannot hold or compute.
+_HYBRID_MARKERS = ("mamba", "linear_attention", "conv", "ssm")
+
+
+def model_incompatibility(hf_config: Any) -> str | None:
+    """Why fade cannot serve a model with this HF config (one phrase), or None.
+
+    MLA keeps a latent KV (not per-head K/V), sliding-window / hybrid layers keep a second pool
+    fade's tiers do not cover, an encoder-decoder model has cross-attention KV, and logit
+    soft-capping is not implemented by the fade attention backends.
+    """
+    cfg = getattr(hf_config, "text_config", None) or hf_config
+    get = lambda name: getattr(cfg, name, None)  # noqa: E731
+    if get("kv_lora_rank") or get("q_lora_rank"):
+        return "multi-head latent attention (MLA) keeps a latent KV cache, not per-head K/V"
+    if get("is_encoder_decoder") or getattr(hf_config, "is_encoder_decoder", False):
+        return "encoder-decoder models keep cross-attention KV"
+    layer_types = [str(t).lower() for t in (get("layer_types") or get("layers_block_type") or ())]
+    pattern = str(get("hybrid_override_pattern") or "")
+    model_type = str(getattr(hf_config, "model_type", "") or "").lower()
+    if any(m in t for t in layer_types for m in _HYBRID_MARKERS) or pattern or \
+            any(m in model_type for m in ("mamba", "jamba", "nemotron_h", "falcon_h1", "qwen3_next")):
+        return "hybrid attention / state-space layers keep a second cache"
+    if any("sliding" in t for t in layer_types) or get("use_sliding_window") or \
+            get("sliding_window_pattern") or get("interleaved_sliding_window"):
+        return "sliding-window attention layers keep a windowed cache"
+    if get("attn_logit_softcapping"):
+        return "attention logit soft-capping is not implemented by the fade attention backends"
+    return None
+
+
+def check_model(model_path: str, trust_remote_code: bool = False) -> None:
+    """Reject a model fade cannot serve, at start-up (raises FadeConfigError). A config that does not
+    load here is left to SGLang, which reports its own error."""
+    try:
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - not ours to diagnose: SGLang loads the model next and says why
+        return
+    why = model_incompatibility(hf_config)
+    if why is not None:
+        raise FadeConfigError(f"--kv-compression fade cannot serve {model_path}: {why} "
+                              f"(fade supports MHA/GQA decoder models with full attention)")
 
 
 def fail(message: str) -> NoReturn:
@@ -195,6 +251,10 @@ def from_cli_args_hook(original: Callable[..., Any], cls: type, args: argparse.N
             print(f"fade-sglang: warning: {' '.join(ignored)} ignored without --kv-compression fade",
                   file=sys.stderr, flush=True)
         return server_args
+    try:
+        check_model(server_args.model_path, bool(getattr(server_args, "trust_remote_code", False)))
+    except FadeConfigError as e:
+        fail(str(e))
     store_on_server_args(server_args, cfg, from_cli=True)
     return server_args
 

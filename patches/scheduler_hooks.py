@@ -40,7 +40,6 @@ class FadeSchedulerState:
         self.reporter = reporter
         self.last_idle_demote = 0.0
         self.demotion_passes = 0
-        self.demotion_errors = 0
         self.pressure_demotions = 0  # passes that shrank the recent window to keep decoding
 
 
@@ -134,19 +133,16 @@ def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
     reqs = _live_requests(running_batch, last_batch)
     chunked = getattr(scheduler, "chunked_req", None)
     scheduler.token_to_kv_pool_allocator.running_requests = sum(r is not chunked for r in reqs)
-    try:
-        if state.cfg.demote_running and hasattr(tree, "demote_running"):
-            if reqs:
-                tree.demote_running(reqs, scheduler.req_to_token_pool)
-                state.demotion_passes += 1
-                _relieve_fp16_pressure(scheduler, tree, reqs, state)
-        if hasattr(tree, "demote_idle") and now - state.last_idle_demote >= _IDLE_DEMOTE_PERIOD_S:
-            state.last_idle_demote = now
-            tree.demote_idle(now)
-    except Exception:  # a failed demotion must not take the server down; the tokens simply stay put
-        state.demotion_errors += 1
-        if state.demotion_errors <= 5:
-            logger.exception("[fade] demotion pass failed (tokens stay in their tier)")
+    # No catch-all: every demotion is all-or-nothing (TieredKVStore.demote frees what it allocated on
+    # error, and rows / nodes are rewritten only after it returns), so a failure leaves slots and nodes
+    # consistent, and it surfaces as the real error instead of a server that silently stops compressing.
+    if state.cfg.demote_running and reqs:
+        tree.demote_running(reqs, scheduler.req_to_token_pool)
+        state.demotion_passes += 1
+        _relieve_fp16_pressure(scheduler, tree, reqs, state)
+    if now - state.last_idle_demote >= _IDLE_DEMOTE_PERIOD_S:
+        state.last_idle_demote = now
+        tree.demote_idle(now)
     state.reporter.tick(scheduler, now)
 
 

@@ -35,14 +35,12 @@ def collect_stats(scheduler: Any) -> dict[str, Any]:
     tree = scheduler.tree_cache
     stats["evictable_tokens"] = int(tree.evictable_size())
     stats["protected_tokens"] = int(tree.protected_size())
-    if hasattr(tree, "tier_stats"):
-        radix = dict(tree.tier_stats())
-        radix.pop("pool", None)  # same numbers as the top level
-        stats["radix"] = radix
+    radix = dict(tree.tier_stats())
+    radix.pop("pool", None)  # same numbers as the top level
+    stats["radix"] = radix
     state = getattr(scheduler, "_fade_state", None)
     if state is not None:
         stats["demotion_passes"] = state.demotion_passes
-        stats["demotion_errors"] = state.demotion_errors
         stats["pressure_demotions"] = state.pressure_demotions
     stats["config"] = pool.fade_config.to_dict()
     return stats

@@ -48,8 +48,7 @@ def hf_greedy(model_path: str | os.PathLike, input_ids: Sequence[int], max_new_t
 # ----------------------------------------------------------------------------- processes
 # The process helpers live in the package (the demo and benchmarks use them too).
 from fade_sglang.eval.launcher import (  # noqa: E402,F401
-    BASE_SERVER_ARGS,
-    DEFAULT_ATTENTION_BACKEND,
+    CPU_SERVER_ARGS,
     DEFAULT_MAX_TOTAL_TOKENS,
     ServerProcess,
     ServerStartupError,

@@ -94,7 +94,8 @@ def test_scheduler_hook_counts_live_requests_but_not_the_chunked_prefill() -> No
     decoding, just_prefilled, done, chunked = _req(), _req(), _req(finished=True), _req()
     alloc = SimpleNamespace(running_requests=-1)
     state = FadeSchedulerState(small_config(demote_running=False), SimpleNamespace(tick=lambda *a: None))
-    scheduler = SimpleNamespace(_fade_state=state, tree_cache=object(), token_to_kv_pool_allocator=alloc,
+    tree = SimpleNamespace(demote_idle=lambda now: 0)
+    scheduler = SimpleNamespace(_fade_state=state, tree_cache=tree, token_to_kv_pool_allocator=alloc,
                                 chunked_req=chunked)
     between_steps(scheduler, SimpleNamespace(reqs=[decoding, done]), SimpleNamespace(reqs=[just_prefilled, chunked]))
     assert alloc.running_requests == 2

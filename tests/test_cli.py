@@ -11,6 +11,7 @@ import argparse
 import json
 import pickle
 import re
+import shutil
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -126,6 +127,9 @@ BAD_ARGS = [
     (["--kv-compression", "fade", "--page-size", "16"], "--page-size 1"),
     (["--kv-compression", "fade", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--kv-compression", "fade", "--speculative-algorithm", "EAGLE"], "speculative decoding"),
+    (["--kv-compression", "fade", "--disable-radix-cache"], "--disable-radix-cache"),
+    (["--kv-compression", "fade", "--tp-size", "2"], "tensor parallelism yet (--tp-size 2)"),
+    (["--kv-compression", "fade", "--pp-size", "2"], "pipeline parallelism yet (--pp-size 2)"),
 ]
 
 
@@ -152,6 +156,36 @@ def test_resolved_values_are_checked_too(server_args_cls, parser) -> None:
         cli.resolve_once_hook(lambda self: None, sa)
 
 
+UNSERVABLE_MODELS = [
+    ("deepseek_v3", {"kv_lora_rank": 512, "q_lora_rank": 1536}, "multi-head latent attention"),
+    ("gemma2", {}, "sliding-window"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4096}, "sliding-window"),
+    ("t5", {}, "encoder-decoder"),
+    ("mamba", {}, "hybrid attention / state-space"),
+    ("llama", {"attn_logit_softcapping": 50.0}, "soft-capping"),
+]
+
+
+@pytest.mark.parametrize("model_type,fields,needle", UNSERVABLE_MODELS, ids=[m[0] + str(len(m[1])) for m in UNSERVABLE_MODELS])
+def test_models_fade_cannot_serve_are_named(tmp_path: Path, model_type: str, fields: dict, needle: str) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, **fields).save_pretrained(tmp_path)
+    with pytest.raises(FadeConfigError, match=needle) as exc:
+        cli.check_model(str(tmp_path))
+    assert "\n" not in str(exc.value) and str(tmp_path) in str(exc.value)
+
+
+@pytest.mark.parametrize("model_type,fields", [("llama", {}), ("qwen2", {"use_sliding_window": False}),
+                                               ("mistral", {"sliding_window": None})])
+def test_plain_mha_gqa_models_pass_the_model_check(tmp_path: Path, model_type: str, fields: dict) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, **fields).save_pretrained(tmp_path)
+    cli.check_model(str(tmp_path))
+    cli.check_model(str(tmp_path / "missing"))  # a config that does not load is SGLang's to report
+
+
 def test_fade_config_from_server_args_rejects_missing_payload() -> None:
     class Record:
         _fade_kv_compression = "fade"
@@ -168,6 +202,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 LAUNCH_FAILURES = [
+    (["--kv-compression", "fade", "--disable-radix-cache"], "--disable-radix-cache"),
     (["--kv-compression", "fade", "--fade-preset", "nope"], "unknown preset 'nope'"),
     (["--kv-compression", "fade", "--fade-config", '{"sink_tokens": 4,'], "invalid JSON"),
     (["--kv-compression", "fade", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
@@ -175,7 +210,7 @@ LAUNCH_FAILURES = [
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("argv,needle", LAUNCH_FAILURES, ids=["bad-preset", "bad-json", "fp8-conflict"])
+@pytest.mark.parametrize("argv,needle", LAUNCH_FAILURES, ids=["no-radix-cache", "bad-preset", "bad-json", "fp8-conflict"])
 def test_launch_fails_fast_with_clear_message(tiny_model_dir: Path, argv: list[str], needle: str) -> None:
     rc, stderr, stdout = run_server_expect_failure(tiny_model_dir, argv, attention_backend=None)
     assert rc == 2, stderr[-3000:]
@@ -184,6 +219,19 @@ def test_launch_fails_fast_with_clear_message(tiny_model_dir: Path, argv: list[s
     assert "Traceback" not in stderr + stdout
     # Failed while parsing arguments: no scheduler was ever started.
     assert "Init parallel" not in stderr + stdout and "Load weight" not in stderr + stdout
+
+
+@pytest.mark.server
+def test_unservable_model_fails_at_launch_not_at_the_first_request(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "softcapped"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 30.0}))
+    rc, stderr, stdout = run_server_expect_failure(model, ["--kv-compression", "fade"], attention_backend=None)
+    assert rc == 2, stderr[-3000:]
+    errors = _error_lines(stderr)
+    assert len(errors) == 1 and "soft-capping" in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr + stdout and "Load weight" not in stderr + stdout
 
 
 @pytest.mark.server

@@ -140,8 +140,6 @@ def test_safe_preset_matches_uncompressed(baseline: ServerProcess, fade_safe: Se
         want = baseline.generate(input_ids=ids, max_new_tokens=64)["output_ids"]
         got = fade_safe.generate(input_ids=ids, max_new_tokens=64)["output_ids"]
         assert got == want
-    stats = fade_safe.fade_stats()
-    assert stats["demotion_errors"] == 0
 
 
 def _teacher_forced_top1(srv: ServerProcess, full: list[int], start: int) -> list[int]:
@@ -207,7 +205,6 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
     same = sum(a == b for a, b in zip(*agreement)) / len(cont)
     print(f"\ntriton vs torch: teacher-forced top-1 agreement {same:.3f}")
     assert same >= 0.95
-    assert fade_triton.fade_stats()["demotion_errors"] == 0
 
 
 def test_prometheus_gauges_follow_the_tiers(fade_small: ServerProcess, tokenizer: Any) -> None:
@@ -266,7 +263,6 @@ def test_multi_turn_sessions_share_prefix_and_age(fade_small: ServerProcess, tok
     print("\nafter 8x4 turns + idle:", json.dumps({"tree": tree, "demoted": stats["radix"]["demoted_tokens"],
                                                      "evicted": stats["radix"]["evicted_tokens"],
                                                      "ratio": stats["compression_ratio"]}))
-    assert stats["demotion_errors"] == 0
     assert tree["warm"] + tree["cold"] > 0, "older turns must have been demoted"
     assert stats["radix"]["demoted_tokens"].get("idle"), "idle demotion must have run"
     # The shared system prompt is hot (hit by every session): it stays fp16; the rest aged out

@@ -277,9 +277,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", type=int, default=None, help="concurrent sessions sharing the system prompt")
     p.add_argument("--turns", type=int, default=None, help="turns per session")
     p.add_argument("--concurrency", type=int, default=CONCURRENCY, help="requests in flight (default %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES),
-                   help="model and KV dtype of both servers (default float32: CPU fp16/bf16 matmuls are "
-                        "~10x slower; with float16 the capacity gain is the GPU one)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
+                   help="model and KV dtype of both servers (default: float32 on CPU, where fp16/bf16 matmuls are "
+                        "~10x slower, so the capacity gain there is against float32 KV; bfloat16 on GPU)")
     p.add_argument("--quick", action="store_true", help="a smaller workload (tests, smoke runs)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -311,7 +311,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     spec = AgentTraceSpec(**{**asdict(spec), **{k: v for k, v in (("sessions", args.sessions),
                                                                    ("turns", args.turns)) if v}})
     base_tokens = args.max_total_tokens or (QUICK_BASE_TOKENS if args.quick else FULL_BASE_TOKENS)
-    geom = model_geometry(model, args.dtype)
+    from .launcher import server_device
+
+    dtype = args.dtype or ("float32" if server_device() == "cpu" else "bfloat16")
+    geom = model_geometry(model, dtype)
     fade_tokens, eff = fade_tokens_for_bytes(geom, args.preset, geom.baseline_pool_bytes(base_tokens))
     say(f"model {model}: {geom.full_bytes_per_token} B/token full precision; fade {args.preset}: {eff:.0f} B/token "
         f"-> {base_tokens} vs {fade_tokens} tokens in the same bytes")
@@ -321,7 +324,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     trace = build_agent_trace(spec, load_tokenizer(model))
     say(f"workload: {spec.sessions} sessions x {spec.turns} turns, shared system prompt {spec.system_tokens} tok, "
         f"final context {spec.final_context_tokens()} tok, {spec.unique_tokens()} unique KV tokens")
-    dtype_args = ("--dtype", args.dtype)  # after launcher.BASE_SERVER_ARGS' --dtype: the last one wins
+    dtype_args = ("--dtype", dtype)  # after launcher.CPU_SERVER_ARGS' --dtype: the last one wins
     base = run_phase("fp16", model, dtype_args, base_tokens, trace, say, concurrency=args.concurrency)
     fade = run_phase("fade", model, (*dtype_args, *FADE_ARGS, "--fade-preset", args.preset), fade_tokens, trace,
                      say, concurrency=args.concurrency, replay=base["run"], fade=True)

@@ -9,6 +9,7 @@ and go first on the child's PYTHONPATH only on a host without the real ``sgl_ker
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -24,19 +25,42 @@ from typing import Any, Sequence
 
 from ..cpu_shims import shim_pythonpath
 
-__all__ = ["BASE_SERVER_ARGS", "ServerProcess", "ServerStartupError", "free_port",
-           "launch_command", "run_server_expect_failure", "server_env", "tail"]
+__all__ = ["CPU_SERVER_ARGS", "DEVICE_DEFAULT", "ServerProcess", "ServerStartupError", "base_server_args",
+           "default_attention_backend", "free_port", "launch_command", "run_server_expect_failure",
+           "server_device", "server_env", "tail"]
 
 
-# The CPU baseline every server starts from (see notes/sglang-0.5.23.md).
-BASE_SERVER_ARGS: tuple[str, ...] = (
+# The CPU baseline every CPU server starts from (see notes/sglang-0.5.23.md). A GPU server starts from
+# SGLang's own defaults (model dtype, CUDA graphs, its default attention backend), so a GPU comparison
+# of plain SGLang against fade is against what a user would run.
+CPU_SERVER_ARGS: tuple[str, ...] = (
     "--device", "cpu",
     "--dtype", "float32",
     "--disable-cuda-graph",
 )
-DEFAULT_ATTENTION_BACKEND = "torch_native"  # None: pass no flag (--kv-compression fade picks its own)
+# ``attention_backend`` value meaning "the device's default": torch_native on CPU, SGLang's choice on GPU.
+# None passes no flag (--kv-compression fade then picks its own backend for the device).
+DEVICE_DEFAULT = "device-default"
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 
+
+@functools.cache
+def server_device() -> str:
+    """``cuda`` where a GPU is visible, else ``cpu``; ``FADE_SERVER_DEVICE`` overrides."""
+    forced = os.environ.get("FADE_SERVER_DEVICE")
+    if forced:
+        return forced
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def base_server_args(device: str | None = None) -> tuple[str, ...]:
+    return CPU_SERVER_ARGS if (device or server_device()) == "cpu" else ()
+
+
+def default_attention_backend(device: str | None = None) -> str | None:
+    return "torch_native" if (device or server_device()) == "cpu" else None
 
 
 
@@ -47,12 +71,14 @@ def free_port() -> int:
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a CPU SGLang child: offline hub, CPU engine, CPU shims first on PYTHONPATH where needed."""
+    """Environment for an SGLang child: offline hub; on CPU the CPU engine and, where needed, the CPU shims
+    first on PYTHONPATH."""
     env = dict(os.environ)
+    if server_device() == "cpu":
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
     env.update(
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
-        SGLANG_USE_CPU_ENGINE="1",
         PYTHONUNBUFFERED="1",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
@@ -67,13 +93,15 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def launch_command(model_path: str | os.PathLike, port: int, extra_args: Sequence[str] = (),
                    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
-                   attention_backend: str | None = DEFAULT_ATTENTION_BACKEND) -> list[str]:
+                   attention_backend: str | None = DEVICE_DEFAULT) -> list[str]:
+    if attention_backend == DEVICE_DEFAULT:
+        attention_backend = default_attention_backend()
     explicit = any(a == "--attention-backend" or a.startswith("--attention-backend=") for a in extra_args)
     backend = ["--attention-backend", attention_backend] if attention_backend and not explicit else []
     return [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", str(model_path),
-        *BASE_SERVER_ARGS,
+        *base_server_args(),
         *backend,
         "--max-total-tokens", str(max_total_tokens),
         "--host", "127.0.0.1",
@@ -141,7 +169,7 @@ class ServerProcess:
         extra_args: Sequence[str] = (),
         *,
         max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
-        attention_backend: str | None = DEFAULT_ATTENTION_BACKEND,
+        attention_backend: str | None = DEVICE_DEFAULT,
         startup_timeout_s: float = 240.0,
         log_path: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
@@ -287,7 +315,7 @@ def run_server_expect_failure(
     *,
     timeout_s: float = 180.0,
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
-    attention_backend: str | None = DEFAULT_ATTENTION_BACKEND,
+    attention_backend: str | None = DEVICE_DEFAULT,
 ) -> tuple[int, str, str]:
     """Launch a server that must fail at startup; return ``(exit_code, stderr, stdout)``.
 

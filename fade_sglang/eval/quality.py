@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from . import evaldata
 from .demo import DEFAULT_MODEL
-from .launcher import ServerProcess
+from .launcher import DEVICE_DEFAULT, ServerProcess
 
 __all__ = ["Setting", "Item", "QualityConfig", "SettingResult", "default_settings", "passkey_items",
            "greedy_items", "nll_items", "run_setting", "run_quality", "main"]
@@ -308,7 +308,7 @@ def run_setting(setting: Setting, cfg: QualityConfig, tok: Any,
     args = setting.server_args() + ["--dtype", cfg.dtype]
     res = SettingResult(setting.name, args)
     with ServerProcess(cfg.model_path, args, max_total_tokens=cfg.max_total_tokens, startup_timeout_s=300,
-                       attention_backend=None if setting.preset else "torch_native") as srv:
+                       attention_backend=None if setting.preset else DEVICE_DEFAULT) as srv:
         if setting.preset is not None:
             cfg = _fit_batches_to_fp16(srv, cfg)
         if "passkey" in tasks:

@@ -228,11 +228,18 @@ class TieredKVStore:
             raise PoolExhaustedError(f"{to.name.lower()} tier exhausted: need {n_move} slots, "
                                      f"{self.available(to)} free")
         src, src_tiers = slots[move], tiers[move]
-        for t in (Tier.FP16, Tier.WARM):
-            sel = src_tiers == t
-            if bool(sel.any()):
-                self._copy_down(src[sel], t, new[sel], to)
-                self.demoted_tokens[(t, to)] += int(sel.sum())
+        moved = {}
+        try:  # all-or-nothing: the copies only write the new slots, so undoing is freeing them
+            for t in (Tier.FP16, Tier.WARM):
+                sel = src_tiers == t
+                if bool(sel.any()):
+                    self._copy_down(src[sel], t, new[sel], to)
+                    moved[t] = int(sel.sum())
+        except BaseException:
+            self.allocators[to].free(new)
+            raise
+        for t, n in moved.items():
+            self.demoted_tokens[(t, to)] += n
         self.free(src)
         out[move] = new
         return out
