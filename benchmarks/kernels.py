@@ -207,7 +207,10 @@ def bench_shape(st: Setup, batch: int, ctx: int) -> list[Row]:
 
     def add(impl: str, fn: Callable[[], object] | None, kind: str, note: str = "") -> None:
         b = bytes_read(kind, batch, ctx, q_heads, kv_heads, d, st.elem)
-        t = timer(fn) if fn is not None else None
+        try:
+            t = timer(fn) if fn is not None else None
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not lose the shape's other rows
+            t, note = None, f"failed: {type(e).__name__}: {e}"[:300]
         base = rows[0].time_ms if rows else t  # rows[0] is sglang-fp16
         gbps = b / (t * 1e-3) / 1e9 if t else None
         rows.append(Row(batch, ctx, impl, t, b, gbps, 100 * gbps / st.copy_bw if gbps and st.copy_bw else None,

@@ -6,7 +6,8 @@ Per process:
   builds its parser after plugins load) and a BEFORE hook on
   ``sglang.srt.server_args.ServerArgs.resolve_once`` that fills fade's defaults
   (attention backend ``fade_triton`` on CUDA / ``fade_torch`` on CPU, radix backend ``fade``,
-  no overlap schedule, no CUDA graphs)
+  no overlap schedule; decode CUDA graphs with ``fade_triton`` on CUDA, no prefill CUDA graphs,
+  none at all otherwise)
   and rejects an attention backend that cannot read packed tiers;
 * the launcher (main process, no scheduler): the ``GET /fade/stats`` route,
   mounted by a BEFORE hook on ``sglang.srt.entrypoints.http_server.launch_server``;
@@ -59,8 +60,15 @@ def apply_serving_defaults(server_args: Any) -> None:
         server_args.radix_cache_backend = RADIX_BACKEND_NAME
     # Demotion rewrites KV slots between steps; an overlapped forward could still be reading them.
     server_args.disable_overlap_schedule = True
-    # The fade backends implement no CUDA-graph capture path yet: run eagerly.
-    server_args.disable_cuda_graph = True
+    # fade_triton captures decode CUDA graphs (attention_backend.py); no fade backend has a prefill
+    # (breakable / full) graph path, which SGLang turns on by default on CUDA; fade_torch has none.
+    from .attention_backend import TRITON_BACKEND, default_backend
+
+    decode_backend = getattr(server_args, "decode_attention_backend", None) or server_args.attention_backend
+    if decode_backend == TRITON_BACKEND and default_backend(server_args.device) == TRITON_BACKEND:
+        server_args.disable_prefill_cuda_graph = True
+    else:
+        server_args.disable_cuda_graph = True
 
 
 def _resolve_once_before(server_args: Any, *args: Any, **kwargs: Any) -> None:

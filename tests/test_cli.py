@@ -250,3 +250,26 @@ def test_config_reaches_scheduler_process(tiny_model_dir: Path) -> None:
     assert match.group(1, 2, 3) == ("custom", "4", "32")
     assert int(match.group(4)) != launcher_pid  # logged by the spawned scheduler, not the launcher
     assert "fade-sglang:" not in log
+
+
+def _fade_record(device: str, **fields) -> "SimpleNamespace":
+    from types import SimpleNamespace
+
+    defaults = dict(attention_backend=None, prefill_attention_backend=None, decode_attention_backend=None,
+                    radix_cache_backend=None, disable_overlap_schedule=False, disable_cuda_graph=False,
+                    disable_prefill_cuda_graph=False)
+    record = SimpleNamespace(device=device, **{**defaults, **fields})
+    cli.store_on_server_args(record, FadeConfig.from_preset("balanced"), from_cli=False)
+    return record
+
+
+def test_serving_defaults_capture_decode_graphs_only_with_the_triton_backend_on_cuda() -> None:
+    from fade_sglang.patches.serving import apply_serving_defaults
+
+    gpu = _fade_record("cuda")
+    apply_serving_defaults(gpu)
+    assert gpu.attention_backend == "fade_triton" and gpu.radix_cache_backend == "fade"
+    assert not gpu.disable_cuda_graph and gpu.disable_prefill_cuda_graph and gpu.disable_overlap_schedule
+    for record in (_fade_record("cpu"), _fade_record("cuda", attention_backend="fade_torch")):
+        apply_serving_defaults(record)
+        assert record.disable_cuda_graph and record.disable_overlap_schedule
