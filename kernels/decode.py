@@ -37,6 +37,23 @@ packed keys) so neither loop rescales the other's accumulator.
 
 GQA: one program owns one KV head and (a tile of up to 64 of) its query heads;
 every K/V tile it loads feeds all of them through ``tl.dot``.
+
+Head dims
+---------
+Any multiple of 16 in [16, 256] (:func:`supported_head_dim` leaves out 48, see
+there). Tiles are ``BLOCK_D = next_power_of_2(D)``
+channels wide in natural channel order; channels ``D..BLOCK_D-1`` are padding,
+masked on every load / store (read as 0, never written). A power-of-two D has
+``BLOCK_D == D`` and takes the unpadded code (the padded branches are
+``constexpr`` ifs, so its compiled kernels are unchanged). Packed tiles of a
+padded D: the planes are ``D / P`` channels wide (40 for INT4 at D = 80), so a
+plane-by-plane unpack would put plane p at ``p * next_power_of_2(D / P)``, not
+at ``p * D / P``; instead channel c of the tile loads byte ``c % (D / P)`` and
+shifts it by ``(c // (D / P)) * bits`` (each byte is read by its P channels,
+from the same cache lines). The tile is then in natural order, so groups stay
+a reshape ``[N, BLOCK_D / group, group]`` (``group`` divides D: the padding is
+whole groups, whose scale / zero load as 0), and q, the accumulators, the
+workspace and the epilogue's un-rotation all stay in natural channel order.
 """
 
 from __future__ import annotations
@@ -51,8 +68,10 @@ import triton.language as tl
 from fade_sglang.pool.view import PackedLayerKV, TieredLayerKV
 
 __all__ = [
+    "SUPPORTED_HEAD_DIMS",
     "DecodeWorkspace",
     "TierPartition",
+    "block_d",
     "default_num_kv_splits",
     "launch_decode",
     "launch_merge_unrotate",
@@ -77,50 +96,93 @@ _MIN_TOKENS_PER_SPLIT = 256
 _MAX_KV_SPLITS = 64
 
 
+SUPPORTED_HEAD_DIMS = "16, 32, or a multiple of 16 in [64, 256] (64 / 80 / 96 / 128 / 256 ...)"
+
+
 def supported_head_dim(head_dim: int) -> bool:
-    """Power-of-two head_dim in [16, 256] (Triton tiles are powers of two; the packed planes must be too)."""
-    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    """head_dim 16, 32, or a multiple of 16 in [64, 256] (:data:`SUPPORTED_HEAD_DIMS`).
+
+    Non-power-of-two head_dims run in tiles padded to the next power of two (see "Head dims" above).
+    48 is left out: the default warm group (64) exceeds it, ``QuantFormat.group_size_for`` then
+    returns 48 and the dispatch's validation accepts only power-of-two groups. The kernels
+    themselves handle such a whole-row group (GROUP == D).
+    """
+    return 16 <= head_dim <= 256 and head_dim % 16 == 0 and (head_dim >= 64 or head_dim & (head_dim - 1) == 0)
+
+
+def block_d(head_dim: int) -> int:
+    """Tile width over head_dim: the next power of two (== head_dim for a power of two)."""
+    return triton.next_power_of_2(head_dim)
 
 
 # ============================================================================ shared jit helpers
 
 
 @triton.jit
-def load_fp_tile(ptr, rows, valid, head, stride_row, stride_head, D: tl.constexpr):
-    """[N, D] model-dtype rows ``rows`` of one head (masked rows read as 0)."""
-    offs_d = tl.arange(0, D)
+def tile_mask(valid, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mask of a [N, BLOCK_D] tile: rows ``valid`` and, when padded, channels < D (rows only when BLOCK_D == D)."""
+    if BLOCK_D == D:
+        mask = valid[:, None]
+    else:
+        mask = valid[:, None] & (offs_d < D)[None, :]
+    return mask
+
+
+@triton.jit
+def load_fp_tile(ptr, rows, valid, head, stride_row, stride_head, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[N, BLOCK_D] model-dtype rows ``rows`` of one head (masked rows and padding channels read as 0)."""
+    offs_d = tl.arange(0, BLOCK_D)
     return tl.load(ptr + rows[:, None] * stride_row + head * stride_head + offs_d[None, :],
-                   mask=valid[:, None], other=0.0)
+                   mask=tile_mask(valid, offs_d, D, BLOCK_D), other=0.0)
 
 
 @triton.jit
 def load_packed_tile(data_ptr, scale_ptr, zero_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
-                     BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, N: tl.constexpr):
-    """Dequantized float32 [N, D] tile (packed space: rotated, K still centered) of rows ``rows``, one head.
+                     BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Dequantized float32 [N, BLOCK_D] tile (packed space: rotated, K still centered) of rows ``rows``, one head.
 
     Planar packing: byte j holds channel j + p * D / P in bits [p * BITS, (p + 1) * BITS),
     so the P shifted copies of the byte tile, stacked on a new middle axis, are already
     in channel order (no interleave): they reshape to [N, groups, GROUP] for the
-    per-group scale / zero and then to [N, D]. The int -> float conversion uses the 2**23 magic
+    per-group scale / zero and then to [N, D]. A padded tile (BLOCK_D > D) instead loads,
+    for channel c, byte c % (D / P) and shifts it by (c // (D / P)) * BITS: natural channel
+    order again, padding channels (whole groups) read codes, scale and zero 0, i.e. value 0.
+    The one non-power-of-two GROUP that ``QuantFormat.group_size_for`` can produce is the whole
+    row (GROUP == D < configured group): it is one BLOCK_D-wide group whose padding channels
+    decode to its zero point; harmless, since q_rot is 0 there and those output channels are
+    never stored.
+    The int -> float conversion uses the 2**23 magic
     number (OR into the mantissa, subtract): full-rate integer / FP ops instead of
     the quarter-rate I2F instruction.
     """
     PER_BYTE: tl.constexpr = 8 // BITS
     DP: tl.constexpr = D // PER_BYTE
     NG: tl.constexpr = D // GROUP
+    GT: tl.constexpr = GROUP if (GROUP & (GROUP - 1)) == 0 else BLOCK_D  # tile group width (see above)
+    NGP: tl.constexpr = BLOCK_D // GT
     MASK: tl.constexpr = (1 << BITS) - 1
-    raw = tl.load(data_ptr + rows[:, None] * d_srow + head * d_shead + tl.arange(0, DP)[None, :],
-                  mask=valid[:, None], other=0).to(tl.int32)
-    if PER_BYTE > 1:
-        shifts = tl.arange(0, PER_BYTE) * BITS
-        raw = (raw[:, None, :] >> shifts[None, :, None]) & MASK  # [N, P, DP]: channel p * DP + j
+    if BLOCK_D == D:
+        raw = tl.load(data_ptr + rows[:, None] * d_srow + head * d_shead + tl.arange(0, DP)[None, :],
+                      mask=valid[:, None], other=0).to(tl.int32)
+        if PER_BYTE > 1:
+            shifts = tl.arange(0, PER_BYTE) * BITS
+            raw = (raw[:, None, :] >> shifts[None, :, None]) & MASK  # [N, P, DP]: channel p * DP + j
+        s_mask = valid[:, None]
+    else:
+        c = tl.arange(0, BLOCK_D)
+        raw = tl.load(data_ptr + rows[:, None] * d_srow + head * d_shead + (c % DP)[None, :],
+                      mask=valid[:, None] & (c < D)[None, :], other=0).to(tl.int32)
+        if PER_BYTE > 1:
+            raw = (raw >> ((c // DP) * BITS)[None, :]) & MASK  # [N, BLOCK_D]: channel c
+        s_mask = valid[:, None] & (tl.arange(0, NGP) < NG)[None, :]
     # Channel order is row-major in both views, so [N, P, DP] -> [N, NG, GROUP] is a pure reshape.
-    codes = tl.reshape(raw, [N, NG, GROUP])
+    codes = tl.reshape(raw, [N, NGP, GT])
     codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    s_offs = (rows * s_srow + head * s_shead)[:, None] + tl.arange(0, NG)[None, :]
-    scale = tl.load(scale_ptr + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-    return tl.reshape(codes * scale[:, :, None] + zero[:, :, None], [N, D])
+    s_offs = (rows * s_srow + head * s_shead)[:, None] + tl.arange(0, NGP)[None, :]
+    scale = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+    return tl.reshape(codes * scale[:, :, None] + zero[:, :, None], [N, BLOCK_D])
 
 
 @triton.jit
@@ -140,17 +202,17 @@ def softmax_step(qk, m_i, l_i):
 
 @triton.jit
 def attend_fp_range(q, m_i, l_i, acc, idx_ptr, lo, hi, k_ptr, v_ptr, head, k_srow, k_shead, v_srow, v_shead,
-                    qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of q [M, D] (KV dtype) over the fp16-tier slots idx[lo:hi]."""
+                    qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax of q [M, BLOCK_D] (KV dtype) over the fp16-tier slots idx[lo:hi]."""
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         valid = offs < hi
         rows = tl.load(idx_ptr + offs, mask=valid, other=0).to(tl.int64)
-        k = load_fp_tile(k_ptr, rows, valid, head, k_srow, k_shead, D)
+        k = load_fp_tile(k_ptr, rows, valid, head, k_srow, k_shead, D, BLOCK_D)
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
         qk = tl.where(valid[None, :], qk, float("-inf"))
         p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i)
-        v = load_fp_tile(v_ptr, rows, valid, head, v_srow, v_shead, D)
+        v = load_fp_tile(v_ptr, rows, valid, head, v_srow, v_shead, D, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
     return m_i, l_i, acc
 
@@ -159,8 +221,8 @@ def attend_fp_range(q, m_i, l_i, acc, idx_ptr, lo, hi, k_ptr, v_ptr, head, k_sro
 def attend_packed_range(q_rot, q_c, m_i, l_i, acc, idx_ptr, lo, hi, base,
                         kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, head, d_srow, d_shead, s_srow, s_shead,
                         qk_scale, BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of rotated queries q_rot [M, D] (dot dtype) over packed slots idx[lo:hi] of one tier.
+                        BLOCK_N: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax of rotated queries q_rot [M, BLOCK_D] (dot dtype) over packed slots idx[lo:hi] of one tier.
 
     ``q_c [M]`` is q_rot . k_center (float32). ``acc`` accumulates in the rotated space.
     """
@@ -169,34 +231,40 @@ def attend_packed_range(q_rot, q_c, m_i, l_i, acc, idx_ptr, lo, hi, base,
         valid = offs < hi
         rows = tl.load(idx_ptr + offs, mask=valid, other=base).to(tl.int64) - base
         k = load_packed_tile(kd_ptr, ks_ptr, kz_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
-                             BITS, GROUP, D, BLOCK_N)
+                             BITS, GROUP, D, BLOCK_N, BLOCK_D)
         qk = tl.dot(q_rot, tl.trans(k.to(q_rot.dtype)), input_precision=PREC)
         qk = (qk + q_c[:, None]) * qk_scale
         qk = tl.where(valid[None, :], qk, float("-inf"))
         p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i)
         v = load_packed_tile(vd_ptr, vs_ptr, vz_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
-                             BITS, GROUP, D, BLOCK_N)
+                             BITS, GROUP, D, BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(q_rot.dtype), v.to(q_rot.dtype), input_precision=PREC)
     return m_i, l_i, acc
 
 
 @triton.jit
-def load_rotated_query(qr_ptr, center_ptr, rows_off, valid, kv_head, D: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Rotated queries (float32 [M, D] at ``qr_ptr + rows_off``) cast for the dot, and q_rot . k_center."""
-    offs_d = tl.arange(0, D)
-    qr = tl.load(qr_ptr + rows_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-    center = tl.load(center_ptr + kv_head * D + offs_d)
+def load_rotated_query(qr_ptr, center_ptr, rows_off, valid, kv_head, D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """Rotated queries (float32 [M, D] at ``qr_ptr + rows_off``; [M, BLOCK_D] tile) cast for the dot, and
+    q_rot . k_center."""
+    offs_d = tl.arange(0, BLOCK_D)
+    qr = tl.load(qr_ptr + rows_off[:, None] + offs_d[None, :], mask=tile_mask(valid, offs_d, D, BLOCK_D), other=0.0)
+    if BLOCK_D == D:
+        center = tl.load(center_ptr + kv_head * D + offs_d)
+    else:
+        center = tl.load(center_ptr + kv_head * D + offs_d, mask=offs_d < D, other=0.0)
     return qr.to(DOT_DTYPE), tl.sum(qr * center[None, :], 1)
 
 
 @triton.jit
 def store_partial(m_f, l_f, acc_f, m_p, l_p, acc_p, midf_ptr, midr_ptr, lse_ptr, rows_off, lse_off, valid,
-                  D: tl.constexpr, HAS_PACKED: tl.constexpr):
+                  D: tl.constexpr, HAS_PACKED: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the fp16 and packed softmax states and store both normalized accumulators and the base-2 LSE.
 
     An empty state (no keys) stores zeros and LSE = -inf, which the epilogue weights by 0.
     """
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = tile_mask(valid, offs_d, D, BLOCK_D)
     if HAS_PACKED:
         m = tl.maximum(m_f, m_p)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -209,9 +277,9 @@ def store_partial(m_f, l_f, acc_f, m_p, l_p, acc_p, midf_ptr, midr_ptr, lse_ptr,
         l = l_f * a_f
     inv = safe_reciprocal(l)
     offs = rows_off[:, None] + offs_d[None, :]
-    tl.store(midf_ptr + offs, acc_f * (a_f * inv)[:, None], mask=valid[:, None])
+    tl.store(midf_ptr + offs, acc_f * (a_f * inv)[:, None], mask=mask)
     if HAS_PACKED:
-        tl.store(midr_ptr + offs, acc_p * (a_p * inv)[:, None], mask=valid[:, None])
+        tl.store(midr_ptr + offs, acc_p * (a_p * inv)[:, None], mask=mask)
     lse = tl.where(l > 0, m_safe + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
     tl.store(lse_ptr + lse_off, lse, mask=valid)
 
@@ -255,7 +323,7 @@ def _decode_stage1(
     BLOCK_N: tl.constexpr, BLOCK_NP: tl.constexpr,
     HAS_WARM: tl.constexpr, WARM_BITS: tl.constexpr, WARM_GROUP: tl.constexpr,
     HAS_COLD: tl.constexpr, COLD_BITS: tl.constexpr, COLD_GROUP: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     HAS_PACKED: tl.constexpr = HAS_WARM or HAS_COLD
     b = tl.program_id(0).to(tl.int64)
@@ -276,35 +344,36 @@ def _decode_stage1(
     f_lo, f_hi, w_lo, w_hi, c_lo, c_hi = split_spans(lo, tl.minimum(lo + per_split, total), t1 - t0, t2 - t1,
                                                      t3 - t2, cost_fp, cost_warm, cost_cold)
 
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_valid[:, None], other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=tile_mask(h_valid, offs_d, D, BLOCK_D), other=0.0)
     q = q.to(KF.dtype.element_ty)
     m_f = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_f = tl.zeros([BLOCK_H], tl.float32)
-    acc_f = tl.zeros([BLOCK_H, D], tl.float32)
+    acc_f = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     m_f, l_f, acc_f = attend_fp_range(q, m_f, l_f, acc_f, Idx, t0 + f_lo, t0 + f_hi, KF, VF, kv_head,
-                                      kf_srow, kf_shead, vf_srow, vf_shead, qk_scale, D, BLOCK_N, PREC)
+                                      kf_srow, kf_shead, vf_srow, vf_shead, qk_scale, D, BLOCK_N, PREC, BLOCK_D)
 
     m_p = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_p = tl.zeros([BLOCK_H], tl.float32)
-    acc_p = tl.zeros([BLOCK_H, D], tl.float32)
+    acc_p = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     if HAS_PACKED:
         q_rot, q_c = load_rotated_query(QR, Center, b * stride_qrb + heads * stride_qrh, h_valid, kv_head, D,
-                                        KF.dtype.element_ty)
+                                        KF.dtype.element_ty, BLOCK_D)
         if HAS_WARM:
             m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t1 + w_lo, t1 + w_hi,
                                                   warm_base, KWd, KWs, KWz, VWd, VWs, VWz, kv_head,
                                                   w_dsrow, w_dshead, w_ssrow, w_sshead, qk_scale,
-                                                  WARM_BITS, WARM_GROUP, D, BLOCK_NP, PREC)
+                                                  WARM_BITS, WARM_GROUP, D, BLOCK_NP, PREC, BLOCK_D)
         if HAS_COLD:
             m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t2 + c_lo, t2 + c_hi,
                                                   cold_base, KCd, KCs, KCz, VCd, VCs, VCz, kv_head,
                                                   c_dsrow, c_dshead, c_ssrow, c_sshead, qk_scale,
-                                                  COLD_BITS, COLD_GROUP, D, BLOCK_NP, PREC)
+                                                  COLD_BITS, COLD_GROUP, D, BLOCK_NP, PREC, BLOCK_D)
 
     store_partial(m_f, l_f, acc_f, m_p, l_p, acc_p, MidF, MidR, MidL,
                   b * stride_mb + heads * stride_mh + split * stride_ms,
-                  b * stride_lb + heads * stride_lh + split, h_valid, D, HAS_PACKED)
+                  b * stride_lb + heads * stride_lh + split, h_valid, D, HAS_PACKED, BLOCK_D)
 
 
 # ============================================================================ epilogue (shared with extend)
@@ -315,24 +384,31 @@ def _merge_unrotate(
     MidF, MidR, MidL, R, Out, num_splits, num_heads,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
     D: tl.constexpr, BLOCK_H: tl.constexpr, JB: tl.constexpr,
-    HAS_PACKED: tl.constexpr, ROTATED: tl.constexpr,
+    HAS_PACKED: tl.constexpr, ROTATED: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[:, cols] = merged fp16 part + (merged packed part) @ R.T, over ``num_splits`` LSE-weighted partials."""
+    """out[:, cols] = merged fp16 part + (merged packed part) @ R.T, over ``num_splits`` LSE-weighted partials.
+
+    Padded head_dim (BLOCK_D > D): the last column block is partly past D (masked), and the
+    un-rotation runs over BLOCK_D channels whose padding reads 0 (partials and R alike).
+    """
     row = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_valid = heads < num_heads
     cols = tl.program_id(2) * JB + tl.arange(0, JB)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, BLOCK_D)
+    out_mask = tile_mask(h_valid, cols, D, BLOCK_D)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc_f = tl.zeros([BLOCK_H, JB], tl.float32)
     # The un-rotation mixes every channel into every output column: it needs all D channels.
     if ROTATED:
-        acc_r = tl.zeros([BLOCK_H, D], tl.float32)
+        acc_r = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         r_cols = offs_d
+        r_mask = tile_mask(h_valid, offs_d, D, BLOCK_D)
     else:
         acc_r = tl.zeros([BLOCK_H, JB], tl.float32)
         r_cols = cols
+        r_mask = out_mask
     base = row * stride_mb + heads * stride_mh
     for s in range(0, num_splits):
         lse = tl.load(MidL + row * stride_lb + heads * stride_lh + s, mask=h_valid, other=float("-inf"))
@@ -340,11 +416,10 @@ def _merge_unrotate(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_safe)
         w = tl.exp2(lse - m_safe)
-        part = tl.load(MidF + base[:, None] + s * stride_ms + cols[None, :], mask=h_valid[:, None], other=0.0)
+        part = tl.load(MidF + base[:, None] + s * stride_ms + cols[None, :], mask=out_mask, other=0.0)
         acc_f = acc_f * alpha[:, None] + part * w[:, None]
         if HAS_PACKED:
-            part_r = tl.load(MidR + base[:, None] + s * stride_ms + r_cols[None, :], mask=h_valid[:, None],
-                             other=0.0)
+            part_r = tl.load(MidR + base[:, None] + s * stride_ms + r_cols[None, :], mask=r_mask, other=0.0)
             acc_r = acc_r * alpha[:, None] + part_r * w[:, None]
         l = l * alpha + w
         m = m_new
@@ -352,13 +427,17 @@ def _merge_unrotate(
     if HAS_PACKED:
         if ROTATED:
             # rt[d, j] = R[cols[j], d]: the R.T columns of this program's output columns.
-            rt = tl.load(R + cols[None, :] * D + offs_d[:, None])
+            if BLOCK_D == D:
+                rt = tl.load(R + cols[None, :] * D + offs_d[:, None])
+            else:
+                rt = tl.load(R + cols[None, :] * D + offs_d[:, None],
+                             mask=(offs_d < D)[:, None] & (cols < D)[None, :], other=0.0)
             out += tl.dot(acc_r, rt, input_precision="tf32x3")
         else:
             out += acc_r
     out = out * safe_reciprocal(l)[:, None]
     tl.store(Out + row * stride_ob + heads[:, None] * stride_oh + cols[None, :],
-             out.to(Out.dtype.element_ty), mask=h_valid[:, None])
+             out.to(Out.dtype.element_ty), mask=out_mask)
 
 
 # ============================================================================ host side
@@ -488,15 +567,16 @@ def launch_merge_unrotate(mid_fp: torch.Tensor, mid_rot: torch.Tensor, mid_lse: 
     rows, heads, d = out.shape
     if rows == 0:
         return
-    jb = min(d, _EPILOGUE_COLS if d <= 128 else _EPILOGUE_COLS // 2)
+    bd = block_d(d)
+    jb = min(bd, _EPILOGUE_COLS if bd <= 128 else _EPILOGUE_COLS // 2)
     rot = view.rotation if view.rotation is not None else mid_lse
-    grid = (rows, triton.cdiv(heads, _MIN_BLOCK_H), d // jb)
+    grid = (rows, triton.cdiv(heads, _MIN_BLOCK_H), triton.cdiv(d, jb))
     _merge_unrotate[grid](
         mid_fp, mid_rot, mid_lse, rot, out, num_splits, heads,
         mid_fp.stride(0), mid_fp.stride(1), mid_fp.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         D=d, BLOCK_H=_MIN_BLOCK_H, JB=jb, HAS_PACKED=has_packed, ROTATED=view.rotation is not None,
-        num_warps=4,
+        BLOCK_D=bd, num_warps=4,
     )
 
 
@@ -522,7 +602,8 @@ def launch_decode(q: torch.Tensor, view: TieredLayerKV, partition: TierPartition
     c_ptrs, c_strides, c_meta = packed_args(view.cold, view.k_fp16)
     cost = tier_cost(view)
     block_h, head_tiles = head_tiling(group)
-    block_np = _BLOCK_N_PACKED if d <= 128 else _BLOCK_N_PACKED // 2
+    bd = block_d(d)
+    block_np = _BLOCK_N_PACKED if bd <= 128 else _BLOCK_N_PACKED // 2
     grid = (batch, kv_heads * head_tiles, num_kv_splits)
     _decode_stage1[grid](
         q, ws.q_rot, view.k_fp16, view.v_fp16, *w_ptrs, *c_ptrs,
@@ -535,7 +616,7 @@ def launch_decode(q: torch.Tensor, view: TieredLayerKV, partition: TierPartition
         GROUP=group, HEAD_TILES=head_tiles, BLOCK_H=block_h, D=d, BLOCK_N=_BLOCK_N_FP, BLOCK_NP=block_np,
         HAS_WARM=w_meta[0], WARM_BITS=w_meta[1], WARM_GROUP=w_meta[2],
         HAS_COLD=c_meta[0], COLD_BITS=c_meta[1], COLD_GROUP=c_meta[2],
-        PREC=dot_precision(view.k_fp16.dtype),
+        PREC=dot_precision(view.k_fp16.dtype), BLOCK_D=bd,
         num_warps=4 if block_h <= 32 else 8, num_stages=2,
     )
     launch_merge_unrotate(ws.mid_fp, ws.mid_rot, ws.mid_lse, view, out, num_kv_splits, has_packed)

@@ -11,6 +11,7 @@ from fade_sglang.pool.view import PackedLayerKV, TieredLayerKV
 from fade_sglang.quant import QuantFormat, QuantizedKV
 
 from .decode import (
+    SUPPORTED_HEAD_DIMS,
     DecodeWorkspace,
     TierPartition,
     default_num_kv_splits,
@@ -91,8 +92,7 @@ def _check_view(view: TieredLayerKV, device: torch.device | None = None) -> tupl
         _fail(f"view.k_fp16 {tuple(view.k_fp16.shape)} and view.v_fp16 {tuple(view.v_fp16.shape)} differ")
     heads, head_dim = view.k_fp16.shape[1], view.k_fp16.shape[2]
     if not supported_head_dim(head_dim):
-        _fail(f"head_dim {head_dim} is not supported by the Triton kernels (power of two in [16, 256]: "
-              "64 / 128 / 256 ...); head_dim 80 / 96 run on the torch reference path")
+        _fail(f"head_dim {head_dim} is not supported by the Triton kernels ({SUPPORTED_HEAD_DIMS})")
     for name, p in (("warm", view.warm), ("cold", view.cold)):
         if p is not None:
             _check_packed(name, p, heads, head_dim, device)
@@ -262,7 +262,7 @@ def quantize_rows(src: torch.Tensor, dst_data: torch.Tensor, dst_scale: torch.Te
     if two != 2:
         _fail(f"src dim 1 must be 2 (K, V), got shape {tuple(src.shape)}")
     if not supported_head_dim(head_dim):
-        _fail(f"head_dim {head_dim} is not supported by the quantize kernel (power of two in [16, 256])")
+        _fail(f"head_dim {head_dim} is not supported by the quantize kernel ({SUPPORTED_HEAD_DIMS})")
     fmt.check_head_dim(head_dim)
     group = fmt.group_size_for(head_dim)
     if group & (group - 1):

@@ -12,6 +12,9 @@ query heads of that KV head: its rows are (token, head-in-group) pairs, so each
 K/V tile is loaded once per GQA group. Without packed tiers the program writes
 the output directly; with them it writes the fp16 and rotated partials and the
 shared epilogue (:func:`.decode.launch_merge_unrotate`, one split) un-rotates.
+
+Any head_dim that :func:`.decode.supported_head_dim` accepts: tiles are padded to
+the next power of two with the padding channels masked (see "Head dims" in :mod:`.decode`).
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from .decode import (
     TierPartition,
     dot_precision,
     packed_args,
+    tile_mask,
     attend_fp_range,
     attend_packed_range,
+    block_d,
     launch_merge_unrotate,
     load_fp_tile,
     load_rotated_query,
@@ -63,7 +68,7 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     HAS_WARM: tl.constexpr, WARM_BITS: tl.constexpr, WARM_GROUP: tl.constexpr,
     HAS_COLD: tl.constexpr, COLD_BITS: tl.constexpr, COLD_GROUP: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     HAS_PACKED: tl.constexpr = HAS_WARM or HAS_COLD
     ROWS: tl.constexpr = BLOCK_M * GP
@@ -78,9 +83,9 @@ def _extend_kernel(
         h_in_group = r % GP
         valid = (tok < ext_len) & (h_in_group < GROUP)
         heads = kv_head * GROUP + h_in_group
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, BLOCK_D)
         q = tl.load(Q + (qo_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=valid[:, None], other=0.0).to(KF.dtype.element_ty)
+                    mask=tile_mask(valid, offs_d, D, BLOCK_D), other=0.0).to(KF.dtype.element_ty)
         t0 = tl.load(TierPtr + b * 4).to(tl.int64)
         t1 = tl.load(TierPtr + b * 4 + 1).to(tl.int64)
         t2 = tl.load(TierPtr + b * 4 + 2).to(tl.int64)
@@ -88,43 +93,43 @@ def _extend_kernel(
 
         m_f = tl.full([ROWS], float("-inf"), tl.float32)
         l_f = tl.zeros([ROWS], tl.float32)
-        acc_f = tl.zeros([ROWS, D], tl.float32)
+        acc_f = tl.zeros([ROWS, BLOCK_D], tl.float32)
         m_f, l_f, acc_f = attend_fp_range(q, m_f, l_f, acc_f, Idx, t0, t1, KF, VF, kv_head,
-                                          kf_srow, kf_shead, vf_srow, vf_shead, qk_scale, D, BLOCK_N, PREC)
+                                          kf_srow, kf_shead, vf_srow, vf_shead, qk_scale, D, BLOCK_N, PREC, BLOCK_D)
         # New chunk, causal: token i sees new tokens 0..i (key 0 is visible to every row, so no row is all -inf).
         for start in range(0, tl.minimum(ext_len, m_start + BLOCK_M), BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             k_valid = j < ext_len
-            k = load_fp_tile(KN, qo_start + j, k_valid, kv_head, kn_st, kn_sh, D)
+            k = load_fp_tile(KN, qo_start + j, k_valid, kv_head, kn_st, kn_sh, D, BLOCK_D)
             qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
             qk = tl.where(k_valid[None, :] & (j[None, :] <= tok[:, None]), qk, float("-inf"))
             p, alpha, m_f, l_f = softmax_step(qk, m_f, l_f)
-            v = load_fp_tile(VN, qo_start + j, k_valid, kv_head, vn_st, vn_sh, D)
+            v = load_fp_tile(VN, qo_start + j, k_valid, kv_head, vn_st, vn_sh, D, BLOCK_D)
             acc_f = acc_f * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
 
         if HAS_PACKED:
             m_p = tl.full([ROWS], float("-inf"), tl.float32)
             l_p = tl.zeros([ROWS], tl.float32)
-            acc_p = tl.zeros([ROWS, D], tl.float32)
+            acc_p = tl.zeros([ROWS, BLOCK_D], tl.float32)
             q_rot, q_c = load_rotated_query(QR, Center, (qo_start + tok) * stride_qrt + heads * stride_qrh, valid,
-                                            kv_head, D, KF.dtype.element_ty)
+                                            kv_head, D, KF.dtype.element_ty, BLOCK_D)
             if HAS_WARM:
                 m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t1, t2, warm_base,
                                                       KWd, KWs, KWz, VWd, VWs, VWz, kv_head,
                                                       w_dsrow, w_dshead, w_ssrow, w_sshead, qk_scale,
-                                                      WARM_BITS, WARM_GROUP, D, BLOCK_N, PREC)
+                                                      WARM_BITS, WARM_GROUP, D, BLOCK_N, PREC, BLOCK_D)
             if HAS_COLD:
                 m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t2, t3, cold_base,
                                                       KCd, KCs, KCz, VCd, VCs, VCz, kv_head,
                                                       c_dsrow, c_dshead, c_ssrow, c_sshead, qk_scale,
-                                                      COLD_BITS, COLD_GROUP, D, BLOCK_N, PREC)
+                                                      COLD_BITS, COLD_GROUP, D, BLOCK_N, PREC, BLOCK_D)
             store_partial(m_f, l_f, acc_f, m_p, l_p, acc_p, MidF, MidR, MidL,
                           (qo_start + tok) * stride_mt + heads * stride_mh,
-                          (qo_start + tok) * stride_lt + heads * stride_lh, valid, D, True)
+                          (qo_start + tok) * stride_lt + heads * stride_lh, valid, D, True, BLOCK_D)
         else:
             out = acc_f * safe_reciprocal(l_f)[:, None]
             tl.store(Out + (qo_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(Out.dtype.element_ty), mask=valid[:, None])
+                     out.to(Out.dtype.element_ty), mask=tile_mask(valid, offs_d, D, BLOCK_D))
 
 
 def launch_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, view: TieredLayerKV,
@@ -150,7 +155,8 @@ def launch_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, vie
     w_ptrs, w_strides, w_meta = packed_args(view.warm, view.k_fp16)
     c_ptrs, c_strides, c_meta = packed_args(view.cold, view.k_fp16)
     gp = triton.next_power_of_2(group)
-    block_m = max(1, (_ROWS if d <= 128 else _ROWS // 2) // gp)  # two fp32 [rows, D] accumulators
+    bd = block_d(d)
+    block_m = max(1, (_ROWS if bd <= 128 else _ROWS // 2) // gp)  # two fp32 [rows, BLOCK_D] accumulators
     grid = (batch, kv_heads, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
         q, q_rot, k_new, v_new, view.k_fp16, view.v_fp16, *w_ptrs, *c_ptrs,
@@ -164,8 +170,8 @@ def launch_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, vie
         GROUP=group, GP=gp, BLOCK_M=block_m, D=d, BLOCK_N=_BLOCK_N,
         HAS_WARM=w_meta[0], WARM_BITS=w_meta[1], WARM_GROUP=w_meta[2],
         HAS_COLD=c_meta[0], COLD_BITS=c_meta[1], COLD_GROUP=c_meta[2],
-        PREC=dot_precision(view.k_fp16.dtype),
-        num_warps=4 if d <= 64 else 8, num_stages=2,
+        PREC=dot_precision(view.k_fp16.dtype), BLOCK_D=bd,
+        num_warps=4 if bd <= 64 else 8, num_stages=2,
     )
     if has_packed:
         launch_merge_unrotate(mid_f[:tokens], mid_r[:tokens], mid_l[:tokens], view, out, 1, True)

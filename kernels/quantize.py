@@ -21,6 +21,14 @@ Exactness vs :func:`fade_sglang.quant.quantize` (same float32 input):
     a different order (and may use FMA), so when two candidates' errors agree
     to float rounding the kernel may keep the other one: either is a valid
     choice with the same error up to rounding.
+
+Head dims: every multiple of 16 in [16, 256]. A non-power-of-two D runs in
+rows padded to ``BLOCK_D = next_power_of_2(D)`` channels (natural order; the
+padding is whole groups, read as 0 and never stored; a group that is the
+whole row, GROUP == D, is one masked BLOCK_D-wide group). Planar packing of a
+padded row cannot be a reshape (the planes are ``D / P`` channels wide), so
+plane p of byte j is gathered from code ``p * D / P + j`` with ``tl.gather``.
+Power-of-two D compiles to the same code as without padding support.
 """
 
 from __future__ import annotations
@@ -51,22 +59,26 @@ def _range_params(lo, hi, LEVELS: tl.constexpr):
     """fp16 (scale, zero) of a [lo, hi] range, rounded before coding like the torch quantizer."""
     zero = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16)
     scale = tl.math.div_rn(hi - zero.to(tl.float32), LEVELS * 1.0)
-    scale = tl.minimum(tl.maximum(scale, 0.0), 65504.0).to(tl.float16)
+    # Clamped where it is made (to the smallest normal fp16 for a constant group): what is stored is what
+    # the codes were computed with, and no reader ever divides by or multiplies with a zero / subnormal scale.
+    scale = tl.minimum(tl.maximum(scale, 6.103515625e-05), 65504.0).to(tl.float16)
     return scale, zero
 
 
 @triton.jit
 def _code(x, scale, zero, LEVELS: tl.constexpr):
     """Codes (float32) of grouped values x [R, NG, G] under per-group fp16 scale / zero [R, NG]."""
-    safe = tl.maximum(scale.to(tl.float32), 6.103515625e-05)  # fp16 tiny, as the torch quantizer
-    y = tl.math.div_rn(x - zero.to(tl.float32)[:, :, None], tl.broadcast_to(safe[:, :, None], x.shape))
+    y = tl.math.div_rn(x - zero.to(tl.float32)[:, :, None], tl.broadcast_to(scale.to(tl.float32)[:, :, None], x.shape))
     return tl.minimum(tl.maximum(_round_half_even(y), 0.0), LEVELS)
 
 
 @triton.jit
-def _sq_error(x, codes, scale, zero):
+def _sq_error(x, codes, scale, zero, ch_mask, MASKED: tl.constexpr):
     recon = zero.to(tl.float32)[:, :, None] + codes * scale.to(tl.float32)[:, :, None]
-    return tl.sum((recon - x) * (recon - x), 2)
+    err = (recon - x) * (recon - x)
+    if MASKED:
+        err = tl.where(ch_mask, err, 0.0)
+    return tl.sum(err, 2)
 
 
 @triton.jit
@@ -78,11 +90,18 @@ def _quantize_kernel(
     c_sl, c_sh,
     BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_SRC_ROWS: tl.constexpr, ROTATE: tl.constexpr, CENTER: tl.constexpr,
-    CLIP: tl.constexpr, CLIP_RATIOS: tl.constexpr, NUM_CLIP: tl.constexpr,
+    CLIP: tl.constexpr, CLIP_RATIOS: tl.constexpr, NUM_CLIP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // BITS
     DP: tl.constexpr = D // PER_BYTE
     NG: tl.constexpr = D // GROUP
+    PADDED: tl.constexpr = BLOCK_D != D
+    # A non-power-of-two group is the whole row (GROUP == D, from QuantFormat.group_size_for when the
+    # configured group exceeds D): one BLOCK_D-wide tile group whose padding channels are masked out of
+    # the range and the clip-search error.
+    ROW_GROUP: tl.constexpr = (GROUP & (GROUP - 1)) != 0
+    GT: tl.constexpr = BLOCK_D if ROW_GROUP else GROUP
+    NGP: tl.constexpr = BLOCK_D // GT  # == NG unless padded
     LEVELS: tl.constexpr = (1 << BITS) - 1
     layer = (tl.program_id(1) // 2).to(tl.int64)  # layer * layer_stride can pass 2**31 in a large pool
     kv = tl.program_id(1) % 2
@@ -96,62 +115,98 @@ def _quantize_kernel(
     else:
         src_row = tok
     dst_row = tl.load(DstRows + tok, mask=valid, other=0).to(tl.int64)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, BLOCK_D)
+    if PADDED:
+        row_mask = valid[:, None] & (offs_d < D)[None, :]
+    else:
+        row_mask = valid[:, None]
     src_ptrs = Src + layer * s_sl + kv * s_skv + src_row[:, None] * s_srow + head[:, None] * s_sh
     if ROTATE:
         # x @ R over K-chunks so the R slice in flight stays <= 64 KiB (head_dim 256).
-        KC: tl.constexpr = 64 if D > 64 else D
+        KC: tl.constexpr = 64 if BLOCK_D > 64 else BLOCK_D
         offs_k = tl.arange(0, KC)
-        x = tl.zeros([BLOCK_R, D], tl.float32)
+        x = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         for kc in tl.static_range(0, D, KC):
-            xk = tl.load(src_ptrs + kc + offs_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            rk = tl.load(R + (kc + offs_k)[:, None] * D + offs_d[None, :])
+            if PADDED:
+                k_in = (kc + offs_k) < D
+                xk = tl.load(src_ptrs + kc + offs_k[None, :], mask=valid[:, None] & k_in[None, :],
+                             other=0.0).to(tl.float32)
+                rk = tl.load(R + (kc + offs_k)[:, None] * D + offs_d[None, :],
+                             mask=k_in[:, None] & (offs_d < D)[None, :], other=0.0)
+            else:
+                xk = tl.load(src_ptrs + kc + offs_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                rk = tl.load(R + (kc + offs_k)[:, None] * D + offs_d[None, :])
             x += tl.dot(xk, rk, input_precision="tf32x3")
     else:
-        x = tl.load(src_ptrs + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        x = tl.load(src_ptrs + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
     if CENTER:
         # Keys only (kv == 0): the load is masked off for values.
         x -= tl.load(Center + layer * c_sl + head[:, None] * c_sh + offs_d[None, :],
-                     mask=valid[:, None] & (kv == 0), other=0.0)
+                     mask=row_mask & (kv == 0), other=0.0)
 
-    g = tl.reshape(x, [BLOCK_R, NG, GROUP])
-    lo = tl.min(g, 2)
-    hi = tl.max(g, 2)
+    # Padded rows: channels D.. are 0 and form whole groups (GROUP divides D), or are masked out of the
+    # row's single group (ROW_GROUP); they are never stored.
+    g = tl.reshape(x, [BLOCK_R, NGP, GT])
+    ch_mask = (offs_d < D)[None, None, :]  # used only for a whole-row group (ROW_GROUP)
+    if ROW_GROUP:
+        lo = tl.min(tl.where(ch_mask, g, float("inf")), 2)
+        hi = tl.max(tl.where(ch_mask, g, float("-inf")), 2)
+    else:
+        lo = tl.min(g, 2)
+        hi = tl.max(g, 2)
     scale, zero = _range_params(lo, hi, LEVELS)
     codes = _code(g, scale, zero, LEVELS)
     if CLIP:
-        best = _sq_error(g, codes, scale, zero)
+        best = _sq_error(g, codes, scale, zero, ch_mask, ROW_GROUP)
         mid = (hi + lo) * 0.5
         half = (hi - lo) * 0.5
         for i in tl.static_range(1, NUM_CLIP):
             c_scale, c_zero = _range_params(mid - half * CLIP_RATIOS[i], mid + half * CLIP_RATIOS[i], LEVELS)
             c_codes = _code(g, c_scale, c_zero, LEVELS)
-            err = _sq_error(g, c_codes, c_scale, c_zero)
+            err = _sq_error(g, c_codes, c_scale, c_zero, ch_mask, ROW_GROUP)
             better = err < best
             best = tl.where(better, err, best)
             scale = tl.where(better, c_scale, scale)
             zero = tl.where(better, c_zero, zero)
             codes = tl.where(better[:, :, None], c_codes, codes)
 
-    codes = tl.reshape(codes.to(tl.int32), [BLOCK_R, D])
+    codes = tl.reshape(codes.to(tl.int32), [BLOCK_R, BLOCK_D])
+    DPP: tl.constexpr = BLOCK_D // PER_BYTE  # bytes of the (padded) packed row tile
     if PER_BYTE == 1:
         packed = codes
+    elif PADDED:
+        # Planar with planes DP = D / P wide (not a reshape of the padded row): plane p of byte j is
+        # code[p * DP + j], gathered across the row's registers (bytes j >= DP are masked off at the store).
+        offs_j = tl.arange(0, DPP)
+        packed = tl.zeros([BLOCK_R, DPP], tl.int32)
+        for p in tl.static_range(PER_BYTE):
+            src_c = tl.minimum(p * DP + offs_j, BLOCK_D - 1)
+            idx = tl.broadcast_to(src_c[None, :], [BLOCK_R, DPP])
+            packed |= tl.gather(codes, idx, 1) << (p * BITS)
     else:
         # Planar: byte j = sum_p code[j + p * DP] << (p * BITS).
         planes = tl.reshape(codes, [BLOCK_R, PER_BYTE, DP])
         shifts = tl.arange(0, PER_BYTE) * BITS
         packed = tl.sum(planes << shifts[None, :, None], 1)
-    offs_b = tl.arange(0, DP)
+    offs_b = tl.arange(0, DPP)
+    if PADDED:
+        b_mask = valid[:, None] & (offs_b < DP)[None, :]
+    else:
+        b_mask = valid[:, None]
     tl.store(DstData + layer * d_sl + kv * d_skv + dst_row[:, None] * d_srow + head[:, None] * d_sh + offs_b[None, :],
-             packed.to(tl.uint8), mask=valid[:, None])
+             packed.to(tl.uint8), mask=b_mask)
     q_base = layer * q_sl + kv * q_skv + dst_row * q_srow + head * q_sh
-    if NG == 1:
+    if NGP == 1:
         tl.store(DstScale + q_base, tl.reshape(scale, [BLOCK_R]), mask=valid)
         tl.store(DstZero + q_base, tl.reshape(zero, [BLOCK_R]), mask=valid)
     else:
-        offs_g = tl.arange(0, NG)
-        tl.store(DstScale + q_base[:, None] + offs_g[None, :], scale, mask=valid[:, None])
-        tl.store(DstZero + q_base[:, None] + offs_g[None, :], zero, mask=valid[:, None])
+        offs_g = tl.arange(0, NGP)
+        if PADDED:
+            g_mask = valid[:, None] & (offs_g < NG)[None, :]
+        else:
+            g_mask = valid[:, None]
+        tl.store(DstScale + q_base[:, None] + offs_g[None, :], scale, mask=g_mask)
+        tl.store(DstZero + q_base[:, None] + offs_g[None, :], zero, mask=g_mask)
 
 
 def launch_quantize(src: torch.Tensor, src_rows: torch.Tensor | None, dst_data: torch.Tensor,
@@ -163,8 +218,10 @@ def launch_quantize(src: torch.Tensor, src_rows: torch.Tensor | None, dst_data: 
     if n == 0 or layers == 0:
         return
     group = fmt.group_size_for(d)
+    bd = triton.next_power_of_2(d)  # tile width (== d for a power of two)
+    block_r = _BLOCK_R if bd <= 128 else _BLOCK_R // 2
     dummy = dst_rows
-    grid = (triton.cdiv(n * heads, _BLOCK_R), layers * 2)
+    grid = (triton.cdiv(n * heads, block_r), layers * 2)  # the grid must use the kernel's BLOCK_R
     _quantize_kernel[grid](
         src, src_rows if src_rows is not None else dummy, dst_data, dst_scale, dst_zero, dst_rows,
         rotation if rotation is not None else src, k_center if k_center is not None else src, n, heads,
@@ -172,10 +229,10 @@ def launch_quantize(src: torch.Tensor, src_rows: torch.Tensor | None, dst_data: 
         dst_data.stride(0), dst_data.stride(1), dst_data.stride(2), dst_data.stride(3),
         dst_scale.stride(0), dst_scale.stride(1), dst_scale.stride(2), dst_scale.stride(3),
         k_center.stride(0) if k_center is not None else 0, k_center.stride(1) if k_center is not None else 0,
-        BITS=fmt.bits, GROUP=group, D=d, BLOCK_R=_BLOCK_R if d <= 128 else _BLOCK_R // 2,
+        BITS=fmt.bits, GROUP=group, D=d, BLOCK_R=block_r,
         HAS_SRC_ROWS=src_rows is not None, ROTATE=rotation is not None, CENTER=k_center is not None,
         CLIP=fmt.clip_search, CLIP_RATIOS=tuple(float(c) for c in _CLIP_CANDIDATES),
-        NUM_CLIP=len(_CLIP_CANDIDATES),
+        NUM_CLIP=len(_CLIP_CANDIDATES), BLOCK_D=bd,
         num_warps=8,
         # No FMA contraction: the clip-search errors then round like torch's separate mul / add.
         enable_fp_fusion=False,

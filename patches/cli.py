@@ -184,9 +184,17 @@ def model_incompatibility(hf_config: Any) -> str | None:
     return None
 
 
-def check_model(model_path: str, trust_remote_code: bool = False) -> None:
+def _head_dim(hf_config: Any) -> int | None:
+    cfg = getattr(hf_config, "text_config", None) or hf_config
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    return getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+
+
+def check_model(model_path: str, trust_remote_code: bool = False, device: str | None = "cpu") -> None:
     """Reject a model fade cannot serve, at start-up (raises FadeConfigError). A config that does not
-    load here is left to SGLang, which reports its own error."""
+    load here is left to SGLang, which reports its own error. On CUDA (the Triton kernels' device) the
+    head_dim must be one the kernels tile."""
     try:
         from transformers import AutoConfig
 
@@ -194,9 +202,29 @@ def check_model(model_path: str, trust_remote_code: bool = False) -> None:
     except Exception:  # noqa: BLE001 - not ours to diagnose: SGLang loads the model next and says why
         return
     why = model_incompatibility(hf_config)
+    head_dim = _head_dim(hf_config)
+    if why is None and head_dim and str(device or "").startswith("cuda"):
+        from fade_sglang.kernels.decode import SUPPORTED_HEAD_DIMS, supported_head_dim
+
+        if not supported_head_dim(head_dim):
+            why = (f"head_dim {head_dim} is not one the fade Triton kernels tile ({SUPPORTED_HEAD_DIMS}); "
+                   f"--attention-backend fade_torch serves it (slower)")
     if why is not None:
         raise FadeConfigError(f"--kv-compression fade cannot serve {model_path}: {why} "
                               f"(fade supports MHA/GQA decoder models with full attention)")
+
+
+def _triton_device(server_args: Any) -> str | None:
+    """The device when fade will read KV with its Triton kernels (CUDA and no explicit fade_torch), else None."""
+    backend = getattr(server_args, "attention_backend", None)
+    device = getattr(server_args, "device", None)
+    if backend == "fade_torch":
+        return None
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device if str(device).startswith("cuda") else None
 
 
 def fail(message: str) -> NoReturn:
@@ -252,7 +280,8 @@ def from_cli_args_hook(original: Callable[..., Any], cls: type, args: argparse.N
                   file=sys.stderr, flush=True)
         return server_args
     try:
-        check_model(server_args.model_path, bool(getattr(server_args, "trust_remote_code", False)))
+        check_model(server_args.model_path, bool(getattr(server_args, "trust_remote_code", False)),
+                    _triton_device(server_args))
     except FadeConfigError as e:
         fail(str(e))
     store_on_server_args(server_args, cfg, from_cli=True)

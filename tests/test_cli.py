@@ -176,6 +176,17 @@ def test_models_fade_cannot_serve_are_named(tmp_path: Path, model_type: str, fie
     assert "\n" not in str(exc.value) and str(tmp_path) in str(exc.value)
 
 
+def test_head_dims_the_triton_kernels_cannot_tile_are_rejected_on_cuda_only(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", hidden_size=288, num_attention_heads=4, head_dim=72).save_pretrained(tmp_path)
+    with pytest.raises(FadeConfigError, match="head_dim 72"):
+        cli.check_model(str(tmp_path), device="cuda")
+    cli.check_model(str(tmp_path), device="cpu")  # the torch reference serves any head_dim
+    AutoConfig.for_model("llama", hidden_size=320, num_attention_heads=4, head_dim=80).save_pretrained(tmp_path)
+    cli.check_model(str(tmp_path), device="cuda")
+
+
 @pytest.mark.parametrize("model_type,fields", [("llama", {}), ("qwen2", {"use_sliding_window": False}),
                                                ("mistral", {"sliding_window": None})])
 def test_plain_mha_gqa_models_pass_the_model_check(tmp_path: Path, model_type: str, fields: dict) -> None:

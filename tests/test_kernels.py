@@ -253,9 +253,9 @@ def test_input_validation_errors(monkeypatch):
     with pytest.raises(ValueError, match="partition"):
         other = K.partition_by_tier(torch.tensor([0, 3]), case.kv_indices[:3], view)
         K.decode_attention(q, view, *args, partition=other)
-    odd = TieredLayerKV(torch.zeros(4, 2, 80), torch.zeros(4, 2, 80), None, None, 4, 4, None, torch.zeros(2, 80))
-    with pytest.raises(ValueError, match="head_dim 80"):
-        K.decode_attention(torch.zeros(1, 2, 80), odd, torch.tensor([0, 1]), torch.tensor([1]), 0.1)
+    odd = TieredLayerKV(torch.zeros(4, 2, 72), torch.zeros(4, 2, 72), None, None, 4, 4, None, torch.zeros(2, 72))
+    with pytest.raises(ValueError, match="head_dim 72"):
+        K.decode_attention(torch.zeros(1, 2, 72), odd, torch.tensor([0, 1]), torch.tensor([1]), 0.1)
     with pytest.raises(ValueError, match="k_new"):
         K.extend_attention(q, q[:, :2, :32], q[:, :2], view, torch.tensor([0, 1]), case.kv_indptr,
                            case.kv_indices, 0.1)

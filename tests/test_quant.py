@@ -89,3 +89,20 @@ def test_group_falls_back_for_non_power_of_two_head_dims(head_dim: int, group: i
     q = quantize(x, fmt)
     assert q.scale.shape[-1] == head_dim // expect and isinstance(q, QuantizedKV)
     assert ((dequantize(q, fmt) - x).norm() / x.norm()) < 0.1
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stored_scale_is_clamped_where_it_is_computed(bits: int) -> None:
+    """Constant groups (zero range) and huge ranges store a normal, finite fp16 scale, and decode exactly
+    (constant) or finitely (huge)."""
+    fmt = QuantFormat(bits, 32)
+    x = torch.full((3, 2, 64), 1.5)
+    x[1] = -7.0
+    x[2, :, 32:] = 6.0e4
+    x[2, :, :32] = -6.0e4
+    q = quantize(x, fmt)
+    assert bool((q.scale.float() >= torch.finfo(torch.float16).tiny).all())
+    assert bool(torch.isfinite(q.scale.float()).all())
+    out = dequantize(q, fmt)
+    assert torch.equal(out[:2], x[:2])
+    assert bool(torch.isfinite(out).all())

@@ -24,6 +24,7 @@ __all__ = ["QuantFormat", "QuantizedKV", "quantize", "dequantize", "pack_codes",
 
 SUPPORTED_BITS = (2, 4, 8)
 _FP16_MAX = 65504.0
+_FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal fp16
 # Candidate shrink factors of the [min, max] range for the clip search; the one
 # with the lowest squared error is kept per group.
 _CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
@@ -99,13 +100,14 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def _fp16_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero rounded to fp16 *before* coding, so the decoder sees exactly what the coder used."""
     zero = lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-    scale = ((hi - zero.float()) / levels).clamp(0.0, _FP16_MAX).to(torch.float16)
+    # Clamped where it is made (to the smallest normal fp16 for a constant group): the stored scale is the
+    # one the codes were computed with, and no reader divides by or multiplies with a zero / subnormal scale.
+    scale = ((hi - zero.float()) / levels).clamp(_FP16_TINY, _FP16_MAX).to(torch.float16)
     return scale, zero
 
 
 def _code(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
-    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
-    return torch.round((groups - zero.float()[..., None]) / safe[..., None]).clamp_(0, levels)
+    return torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)
 
 
 def _group_error(groups, codes, scale, zero) -> torch.Tensor:

@@ -39,8 +39,9 @@ def _rotation_f64(head_dim: int, seed: int) -> torch.Tensor:
         return signs.to(torch.float64)[:, None] * _sylvester_hadamard(head_dim) / head_dim**0.5
     gauss = torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64)
     q, r = torch.linalg.qr(gauss)
-    # Fix the sign ambiguity of QR so the matrix is a deterministic function of the seed.
-    return q * torch.sign(torch.diagonal(r))[None, :]
+    # Fix the sign ambiguity of QR so the matrix is a deterministic function of the seed; row-major like
+    # the Hadamard branch (QR returns its factor column-major, and the kernels take a contiguous matrix).
+    return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()
 
 
 def rotation_matrix(
