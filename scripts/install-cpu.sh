@@ -34,7 +34,7 @@ fi
   openai-harmony==0.0.4 soundfile==0.13.1 numpy orjson psutil pybase64 requests packaging \
   pillow starlette msgspec pydantic pyzmq tqdm ipython aiohttp dill gguf partial-json-parser \
   einops uvicorn uvloop fastapi setproctitle jsonschema python-multipart \
-  prometheus_client safetensors matplotlib pytest hypothesis
+  prometheus_client safetensors matplotlib pytest hypothesis accelerate
 
 log "installing fade-sglang (editable)"
 "${PIP[@]}" -c "$CONSTRAINTS" --no-build-isolation -e . 2>/dev/null || "${PIP[@]}" -c "$CONSTRAINTS" -e .
