@@ -57,6 +57,7 @@ class FadePrefillBudget(PrefillBudget):
         slots. Waiting is cheaper: running requests release fp16 as they finish. For the first
         admission with nothing else running (or a chunked prefill alone, which must progress to
         release its own KV), eviction is the only way forward and every unlocked fp16 token counts.
+        Both tree numbers are running totals the tree cache keeps as nodes change: no walk per call.
         """
         tree = self.tree_cache
         if self.allocator.running_requests > 0 or self._admitted:

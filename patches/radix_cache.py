@@ -10,6 +10,14 @@ locking of the base tree keep working unchanged. Token counts
 tree tokens of every tier, as the base class does.
 
 All public policy methods run between scheduler steps (no forward in flight).
+
+Bookkeeping scales with what changed, not with the tree: a host-side :class:`TreeBook` keeps each
+node's tier counts (read back once per new or rewritten value, in one batch per pass), the tree
+totals admission and stats read, the nodes pressure demotion may move, and an age index of the nodes
+idle demotion may move. SGLang's tree changes reach it through the overridden ``_insert_helper``,
+``_split_node``, ``_delete_leaf``, ``inc_lock_ref`` and ``dec_lock_ref``; fade's own demotions tell it
+the new tiers. :meth:`check_bookkeeping` recounts everything from a full walk (tests, benchmarks), and
+``verify_decisions`` makes every demotion also run the walk-based reference and compare the picks.
 """
 
 from __future__ import annotations
@@ -18,16 +26,19 @@ import heapq
 import logging
 import time
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.evict_policy import (FIFOStrategy, LFUStrategy, LRUStrategy, PriorityStrategy,
+                                               SLRUStrategy)
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
 from fade_sglang.config import FadeConfig
 from fade_sglang.pool import Tier
-from fade_sglang.radix.policy import NodeView, iter_candidates, movable_positions, walk_tree
+from fade_sglang.radix.policy import (NodeView, TreeBook, iter_candidates, movable_positions, tier_positions,
+                                     walk_sorted, walk_tree)
 
 from .pool import TieredKVPool
 from .running_demotion import RunningDemoter
@@ -37,10 +48,19 @@ __all__ = ["TieredRadixCache"]
 logger = logging.getLogger(__name__)
 
 _TIER_KEYS = ("fp16", "warm", "cold")
+# Eviction priorities that never decrease over a node's life (access time, hit count, creation time,
+# request priority only grow): pressure demotion keeps a lazy heap for these, and sorts for the others.
+_MONOTONE_PRIORITY = (LRUStrategy, LFUStrategy, FIFOStrategy, PriorityStrategy, SLRUStrategy)
+
+
+Picks = list[tuple[TreeNode, list[int]]]  # nodes and the (host) positions of their value to demote
 
 
 class TieredRadixCache(RadixCache):
     """``RadixCache`` (page size 1) over a :class:`TieredKVPool` with demote-before-evict policy."""
+
+    # Tests: run the walk-based reference next to every demotion decision and assert the same picks.
+    verify_decisions = False
 
     def __init__(self, params: CacheInitParams, fade_config: FadeConfig | None = None,
                  pool: TieredKVPool | None = None):
@@ -60,6 +80,10 @@ class TieredRadixCache(RadixCache):
     def _reset_counters(self) -> None:
         self.demoted = Counter()  # (reason, "src->dst") -> tokens
         self.evicted = Counter()  # tier name -> tokens
+        cfg = self.fade_config
+        self._book = TreeBook(self._host_tiers, cfg.sink_tokens, cfg.shared_prefix_min_hits, cfg.idle_recent_tokens,
+                              cfg.warm_idle_seconds if self._tier_enabled(Tier.WARM) else None,
+                              cfg.cold_idle_seconds if self._tier_enabled(Tier.COLD) else None)
 
     def reset(self) -> None:
         super().reset()
@@ -68,56 +92,131 @@ class TieredRadixCache(RadixCache):
     def _tier_enabled(self, tier: Tier) -> bool:
         return self.pool.layout.capacity(tier) > 0
 
+    def _host_tiers(self, values: list[torch.Tensor]) -> list[bytes]:
+        """Tier bytes of each value, read back to the host in one copy."""
+        flat = self.pool.tier_of(torch.cat(values)).to(torch.uint8).cpu().numpy().tobytes()
+        out, off = [], 0
+        for v in values:
+            out.append(flat[off:off + len(v)])
+            off += len(v)
+        return out
+
+    def _sync(self) -> TreeBook:
+        """The book with every changed node read back (call before reading it)."""
+        self._book.flush()
+        return self._book
+
+    def _node_value_changed(self, node: TreeNode) -> None:
+        """``node.value`` was rewritten outside this class (running demotion): re-read its tiers lazily."""
+        self._book.on_value(node, None)
+
+    # SGLang's tree mutations, observed for the book (the base implementations stay authoritative).
+    def _insert_helper(self, node: TreeNode, *args: Any, **kwargs: Any) -> Any:
+        result = super()._insert_helper(node, *args, **kwargs)
+        last = result[1]
+        if last is not self.root_node and self._book.rec(last) is None:
+            self._book.on_insert(last)
+        return result
+
+    def _split_node(self, key: Any, child: TreeNode, split_len: int) -> TreeNode:
+        new_node = super()._split_node(key, child, split_len)
+        self._book.on_split(new_node, child, split_len)
+        return new_node
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        parent = node.parent
+        super()._delete_leaf(node)
+        self._book.on_delete(node, parent)
+
+    def _path_at_lock(self, node: TreeNode, lock_ref: int) -> list[TreeNode]:
+        out = []
+        while node is not None and node is not self.root_node:
+            if node.lock_ref == lock_ref:
+                out.append(node)
+            node = node.parent
+        return out
+
+    def inc_lock_ref(self, node: TreeNode) -> Any:
+        turning = [] if self.disable else self._path_at_lock(node, 0)
+        result = super().inc_lock_ref(node)
+        self._book.on_lock(turning, locked=True)
+        return result
+
+    def dec_lock_ref(self, node: TreeNode, params: Any = None) -> Any:
+        turning = [] if self.disable else self._path_at_lock(node, 1)
+        result = super().dec_lock_ref(node, params)
+        self._book.on_lock(turning, locked=False)
+        return result
+
+    # Walk-based reference (checks only).
     def _views(self) -> list[NodeView]:
         return walk_tree(self.root_node, self.fade_config.shared_prefix_min_hits)
 
     # ------------------------------------------------------------------ demotion core
-    def _apply_demotion(self, picks: list[tuple[TreeNode, torch.Tensor]], dst: Tier, reason: str) -> int:
+    def _apply_demotion(self, picks: Picks, dst: Tier, reason: str) -> int:
         """Demote the picked positions of each node in one pool call and rewrite the nodes' values."""
-        picks = [(n, p) for n, p in picks if p.numel()]
+        picks = [(n, p) for n, p in picks if p]
         if not picks:
             return 0
-        slots = torch.cat([n.value[p] for n, p in picks])
-        src_tiers = self.pool.tier_of(slots)
-        new = self.pool.demote(slots, dst)
-        off = 0
-        for node, pos in picks:
-            value = node.value.clone()  # never mutate a tensor someone may still hold
-            value[pos] = new[off:off + pos.numel()]
+        book = self._book
+        lengths = [len(n.value) for n, _ in picks]
+        index, off = [], 0
+        for (_, pos), length in zip(picks, lengths):
+            index += [off + p for p in pos] if off else pos
+            off += length
+        flat = torch.cat([n.value for n, _ in picks])  # a fresh tensor: nobody else holds it
+        index_t = torch.tensor(index, dtype=torch.int64, device=flat.device)
+        slots = flat[index_t]
+        flat[index_t] = self.pool.demote(slots, dst)
+        moved = [0, 0, 0]
+        for (node, pos), value in zip(picks, torch.split(flat, lengths)):
             node.value = value
-            off += pos.numel()
-        self._count_demotion(reason, src_tiers, dst)
+            tiers = bytearray(book.rec(node).tiers)
+            for p in pos:
+                moved[tiers[p]] += 1
+                tiers[p] = dst
+            book.on_value(node, tiers)
+        for src in (Tier.FP16, Tier.WARM):
+            if moved[src] and src != dst:
+                self.demoted[(reason, f"{_TIER_KEYS[src]}->{_TIER_KEYS[dst]}")] += moved[src]
         return slots.numel()
 
-    def _count_demotion(self, reason: str, src_tiers: torch.Tensor, dst: Tier) -> None:
-        for src in (Tier.FP16, Tier.WARM):
-            n = int((src_tiers == src).sum())
-            if n:
-                self.demoted[(reason, f"{_TIER_KEYS[src]}->{_TIER_KEYS[dst]}")] += n
+    def _pick(self, nodes: Iterable[TreeNode], srcs: tuple[int, ...], budget: int, recent: int = 0) -> Picks:
+        """Greedily take movable positions of ``nodes`` (already ordered coldest first) up to ``budget``."""
+        book = self._book
 
-    def _pick(self, views: Iterable[NodeView], srcs: tuple[int, ...], budget: int,
-              recent: int = 0) -> list[tuple[TreeNode, torch.Tensor]]:
-        """Greedily take movable positions of ``views`` (already ordered coldest first) up to ``budget``."""
-        picks: list[tuple[TreeNode, torch.Tensor]] = []
-        sink = self.fade_config.sink_tokens
-        for view in views:
-            if budget <= 0:
+        def movable(node: TreeNode) -> tuple[TreeNode, list[int]]:
+            keep, stop = book.movable_range(node, recent)
+            return node, tier_positions(book.rec(node).tiers, keep, stop, srcs)
+
+        return self._greedy(nodes, budget, movable)
+
+    @staticmethod
+    def _greedy(items: Iterable[Any], budget: int, movable: Callable[[Any], tuple[TreeNode, Any]]) -> list:
+        """(node, positions) of ``items`` in order, positions cut so that they sum to at most ``budget``."""
+        picks = []
+        items = iter(items)
+        while budget > 0:  # check first: an item pulled is an item popped (pressure heaps)
+            item = next(items, None)
+            if item is None:
                 break
-            pos = movable_positions(view, self.pool.tier_of(view.node.value), sink, srcs, recent)[:budget]
-            if pos.numel():
-                picks.append((view.node, pos))
-                budget -= pos.numel()
+            node, pos = movable(item)
+            pos = pos[:budget]
+            if len(pos):
+                picks.append((node, pos))
+                budget -= len(pos)
         return picks
 
-    def _pressure_order(self) -> list[NodeView]:
-        """Unlocked nodes in the order memory pressure demotes them: unshared nodes coldest first,
-        then shared prefixes coldest first. Idle aging never moves a shared prefix, but under
-        pressure demoting it beats evicting it (and beats evicting packed leaves, which frees no
-        fp16 slot): a small fp16 tier cannot hold every shared system prompt."""
-        return sorted(self._unlocked_views(), key=lambda v: (v.shared, self.eviction_strategy.get_priority(v.node)))
-
-    def _unlocked_views(self) -> list[NodeView]:
-        return [v for v in self._views() if v.node.lock_ref == 0]
+    def _pressure_order(self, srcs: tuple[int, ...]) -> list[TreeNode]:
+        """Unlocked nodes holding ``srcs`` tokens past their sinks, in the order memory pressure demotes
+        them: unshared nodes coldest first, then shared prefixes coldest first. Idle aging never moves a
+        shared prefix, but under pressure demoting it beats evicting it (and beats evicting packed
+        leaves, which frees no fp16 slot): a small fp16 tier cannot hold every shared system prompt.
+        (A sort of those nodes; :meth:`_demote_coldest` pops the same order off a heap for the usual
+        priorities.)"""
+        book = self._sync()
+        nodes = {n for t in srcs for n in book.movable[t] if n.lock_ref == 0}
+        return walk_sorted(nodes, lambda n: (book.shared(n), self.eviction_strategy.get_priority(n)), book.walk_key)
 
     def _demote_coldest(self, srcs: tuple[int, ...], dst: Tier, want: int, reason: str) -> int:
         """Pressure demotion: up to ``want`` (at least ``demote_chunk``) movable tokens, in
@@ -127,7 +226,34 @@ class TieredRadixCache(RadixCache):
         budget = min(max(want, self.fade_config.demote_chunk), self.pool.available(dst))
         if budget <= 0:
             return 0
-        return self._apply_demotion(self._pick(self._pressure_order(), srcs, budget), dst, reason)
+        strategy = self.eviction_strategy
+        scan = None
+        if len(srcs) == 1 and type(strategy) in _MONOTONE_PRIORITY:
+            scan = self._sync().pressure_scan(srcs[0], strategy, strategy.get_priority)
+        try:
+            picks = self._pick(scan if scan is not None else self._pressure_order(srcs), srcs, budget)
+            if self.verify_decisions:
+                views = [v for v in self._views() if v.node.lock_ref == 0]
+                ref = sorted(views, key=lambda v: (v.shared, strategy.get_priority(v.node)))
+                self._check_picks(picks, self._reference_pick(ref, srcs, budget), f"pressure {srcs}->{dst}")
+            return self._apply_demotion(picks, dst, reason)
+        finally:
+            if scan is not None:
+                scan.restore()  # nodes taken but not rewritten go back on the heap
+
+    # Walk-based reference of the picks (verify_decisions).
+    def _reference_pick(self, views: Iterable[NodeView], srcs: tuple[int, ...], budget: int,
+                        recent: int = 0) -> list[tuple[TreeNode, torch.Tensor]]:
+        sink = self.fade_config.sink_tokens
+        return self._greedy(views, budget, lambda v: (
+            v.node, movable_positions(v, self.pool.tier_of(v.node.value), sink, srcs, recent)))
+
+    @staticmethod
+    def _check_picks(picks: Picks, ref: list[tuple[TreeNode, torch.Tensor]], what: str) -> None:
+        got = [(n.id, list(p)) for n, p in picks]
+        want = [(n.id, p.tolist()) for n, p in ref]
+        if got != want:
+            raise AssertionError(f"{what}: incremental picks {got} != reference {want}")
 
     # ------------------------------------------------------------------ public policy
     def demote_idle(self, now: float | None = None) -> int:
@@ -142,16 +268,27 @@ class TieredRadixCache(RadixCache):
         cfg = self.fade_config
         recent = cfg.idle_recent_tokens
         now = time.monotonic() if now is None else now
-        order = sorted(iter_candidates(self._views()), key=lambda v: v.node.last_access_time)
+        book = self._sync()
+        due = book.pop_idle(now)  # only nodes idle long enough to have work: not the whole tree
+        order = walk_sorted(due, lambda n: n.last_access_time, book.walk_key)
+        ref = None
+        if self.verify_decisions:
+            ref = sorted(iter_candidates(self._views()), key=lambda v: v.node.last_access_time)
         moved = 0
-        if self._tier_enabled(Tier.COLD):  # cold first: it frees warm room the warm pass can use
-            cold = [v for v in order if now - v.node.last_access_time >= cfg.cold_idle_seconds]
-            moved += self._apply_demotion(self._pick(cold, (Tier.FP16, Tier.WARM), self.pool.available(Tier.COLD),
-                                                     recent), Tier.COLD, "idle")
-        if self._tier_enabled(Tier.WARM):
-            warm = [v for v in order if now - v.node.last_access_time >= cfg.warm_idle_seconds]
-            moved += self._apply_demotion(self._pick(warm, (Tier.FP16,), self.pool.available(Tier.WARM), recent),
-                                          Tier.WARM, "idle")
+        # Cold first: it frees warm room the warm pass can use.
+        for dst, idle_s, srcs in ((Tier.COLD, cfg.cold_idle_seconds, (Tier.FP16, Tier.WARM)),
+                                  (Tier.WARM, cfg.warm_idle_seconds, (Tier.FP16,))):
+            if not self._tier_enabled(dst):
+                continue
+            nodes = [n for n in order if now - n.last_access_time >= idle_s]
+            picks = self._pick(nodes, srcs, self.pool.available(dst), recent)
+            if ref is not None:
+                self._check_picks(picks, self._reference_pick(
+                    [v for v in ref if now - v.node.last_access_time >= idle_s], srcs, self.pool.available(dst),
+                    recent), f"idle -> {dst.name}")
+            moved += self._apply_demotion(picks, dst, "idle")
+        for node in due:
+            book.requeue_exact(node)
         return moved
 
     def evict(self, params: EvictParams) -> EvictResult:
@@ -203,21 +340,14 @@ class TieredRadixCache(RadixCache):
             freed += self._demote_coldest((Tier.FP16,), Tier.COLD, want - freed, "evict")
         return freed
 
-    def _demotable_fp16_per_node(self) -> Iterator[int]:
-        """fp16 tokens pressure demotion can move, node by node (unlocked nodes, sinks excluded)."""
-        if not (self._tier_enabled(Tier.WARM) or self._tier_enabled(Tier.COLD)):
-            return
-        sink = self.fade_config.sink_tokens
-        for v in self._unlocked_views():  # no order needed: callers count
-            yield movable_positions(v, self.pool.tier_of(v.node.value), sink, (Tier.FP16,)).numel()
-
     def _has_demotable_fp16(self) -> bool:
-        return any(self._demotable_fp16_per_node())
+        return self.fp16_demotable_size() > 0
 
     def _evict_key(self, node: TreeNode) -> tuple:
         # Lowest tier first (a leaf entirely in cold goes before one holding fp16), then the base policy.
-        best = int(self.pool.tier_of(node.value).min()) if len(node.value) else int(Tier.COLD)
-        return (-best, self.eviction_strategy.get_priority(node))
+        counts = self._book.rec(node).counts
+        best = next((t for t in Tier if counts[t]), Tier.COLD)
+        return (-int(best), self.eviction_strategy.get_priority(node))
 
     def _evict_leaves(self, want: int, lower_helps: bool) -> tuple[int, int]:
         """Evict unlocked leaves, lowest tier and coldest first; return (fp16 freed, total freed).
@@ -225,17 +355,17 @@ class TieredRadixCache(RadixCache):
         Stops once ``want`` fp16 slots are free, or, when demotion can still move fp16
         tokens (``lower_helps``), once ``want`` slots of any tier are free for it.
         """
+        book = self._sync()
         heap = [(self._evict_key(n), n.id, n) for n in self.evictable_leaves]
         heapq.heapify(heap)
         fp16 = total = 0
         while heap and fp16 < want and not (lower_helps and total >= want):
             _, _, node = heapq.heappop(heap)
-            tiers = self.pool.tier_of(node.value)
+            counts = book.rec(node).counts
             for t in Tier:
-                n = int((tiers == t).sum())
-                if n:
-                    self.evicted[_TIER_KEYS[t]] += n
-            fp16 += int((tiers == Tier.FP16).sum())
+                if counts[t]:
+                    self.evicted[_TIER_KEYS[t]] += counts[t]
+            fp16 += counts[Tier.FP16]
             total += len(node.value)
             self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
             self._delete_leaf(node)
@@ -248,22 +378,19 @@ class TieredRadixCache(RadixCache):
     # ------------------------------------------------------------------ stats
     def tier_token_counts(self) -> dict[str, int]:
         """Tokens held by the tree per tier."""
-        counts = dict.fromkeys(_TIER_KEYS, 0)
-        for v in self._views():
-            tiers = self.pool.tier_of(v.node.value)
-            for t in Tier:
-                counts[_TIER_KEYS[t]] += int((tiers == t).sum())
-        return counts
+        return dict(zip(_TIER_KEYS, self._sync().counts))
 
     def fp16_evictable_size(self) -> int:
         """fp16 tokens in unlocked nodes: what demotion or eviction could hand back to new tokens."""
-        return sum(int((self.pool.tier_of(v.node.value) == Tier.FP16).sum())
-                   for v in self._unlocked_views())
+        return self._sync().unlocked[Tier.FP16]
 
     def fp16_demotable_size(self) -> int:
         """fp16 slots demotion alone can hand back: unlocked fp16 tokens past the sinks. The rest of
         :meth:`fp16_evictable_size` (sinks) comes back only by evicting the whole branch below it."""
-        return sum(self._demotable_fp16_per_node())
+        if not (self._tier_enabled(Tier.WARM) or self._tier_enabled(Tier.COLD)):
+            return 0
+        book = self._sync()
+        return book.unlocked[Tier.FP16] - book.unlocked_sink[Tier.FP16]
 
     def tier_stats(self) -> dict[str, Any]:
         demoted: dict[str, dict[str, int]] = {}
@@ -279,3 +406,67 @@ class TieredRadixCache(RadixCache):
             "evicted_tokens": dict(self.evicted),
             "pool": self.pool.tier_stats(),
         }
+
+    # ------------------------------------------------------------------ checks
+    def check_bookkeeping(self) -> list[str]:
+        """Every incremental number against a full walk with device tier reads; returns the mismatches."""
+        book = self._sync()
+        cfg, bad = self.fade_config, []
+        sink, lower = cfg.sink_tokens, self._tier_enabled(Tier.WARM) or self._tier_enabled(Tier.COLD)
+        totals, unlocked, evictable, demotable = [0, 0, 0], [0, 0, 0], 0, 0
+        in_min, in_any = book.index_snapshot()
+        views = self._views()
+        for v in views:
+            node, rec = v.node, book.rec(v.node)
+            name = f"node {node.id}"
+            if rec is None or not rec.alive or not rec.accounted:
+                bad.append(f"{name}: no live, accounted record")
+                continue
+            tiers = self.pool.tier_of(node.value)
+            if rec.value is not node.value:
+                bad.append(f"{name}: value replaced behind the book's back")
+            if list(rec.tiers) != tiers.tolist():
+                bad.append(f"{name}: tiers {list(rec.tiers)} != {tiers.tolist()}")
+            if rec.start != v.start:
+                bad.append(f"{name}: start {rec.start} != {v.start}")
+            if book.shared(node) != v.shared:
+                bad.append(f"{name}: shared {book.shared(node)} != {v.shared}")
+            counts = [int((tiers == t).sum()) for t in Tier]
+            keep = v.sink_keep(sink)
+            head = [int((tiers[:keep] == t).sum()) for t in Tier]
+            if rec.counts != counts or rec.sink != head:
+                bad.append(f"{name}: counts {rec.counts}/{rec.sink} != {counts}/{head}")
+            for t in (Tier.FP16, Tier.WARM):
+                if (node in book.movable[t]) != (counts[t] > head[t]):
+                    bad.append(f"{name}: movable[{t.name}] membership wrong")
+            for t in Tier:
+                totals[t] += counts[t]
+                if node.lock_ref == 0:
+                    unlocked[t] += counts[t]
+            if node.lock_ref == 0 and book._p_owner is not None:
+                for t in (Tier.FP16, Tier.WARM):
+                    if counts[t] > head[t] and not (book._p_in(rec, t) and rec.p_entry[t][0] <= book.pressure_key(node)):
+                        bad.append(f"{name}: holds {t.name} past its sinks but is not in the pressure index")
+            if node.lock_ref == 0:
+                evictable += counts[Tier.FP16]
+                if lower:
+                    demotable += movable_positions(v, tiers, sink, (Tier.FP16,)).numel()
+                if not v.shared:
+                    fp16_work, warm_work = book.idle_work(node)
+                    t = node.last_access_time
+                    if fp16_work and not in_min.get(id(node), t + 1) <= t:
+                        bad.append(f"{name}: holds fp16 idle work but is not in the idle index")
+                    if warm_work and not min(in_min.get(id(node), t + 1), in_any.get(id(node), t + 1)) <= t:
+                        bad.append(f"{name}: holds warm idle work but is not in the idle index")
+        for v in views:
+            seqs = [book.rec(c).seq for c in v.node.children.values() if book.rec(c) is not None]
+            if seqs != sorted(seqs):
+                bad.append(f"node {v.node.id}: children's walk ranks out of order")
+        if book.live != len(views):
+            bad.append(f"book holds {book.live} live nodes, the tree {len(views)}")
+        if book.counts != totals or book.unlocked != unlocked:
+            bad.append(f"totals {book.counts}/{book.unlocked} != {totals}/{unlocked}")
+        if self.fp16_evictable_size() != evictable or self.fp16_demotable_size() != demotable:
+            bad.append(f"fp16 evictable/demotable {self.fp16_evictable_size()}/{self.fp16_demotable_size()} "
+                       f"!= {evictable}/{demotable}")
+        return bad

@@ -28,7 +28,8 @@ logger = logging.getLogger("fade_sglang")
 
 RADIX_BACKEND_NAME = "fade"
 _SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
-# demote_idle walks the tree; a few passes a second are plenty for second-scale idle thresholds.
+# demote_idle looks only at nodes whose idle time came due (the radix cache's age index, not a tree
+# walk); a few passes a second are plenty for second-scale idle thresholds.
 _IDLE_DEMOTE_PERIOD_S = 0.25
 # Fraction of the fp16 tier one prefill chunk may take (the rest holds decode windows).
 _CHUNK_FP16_SHARE = 0.5
@@ -90,23 +91,17 @@ def scheduler_init_hook(result: Any, scheduler: Any, server_args: Any, *args: An
     return None
 
 
-def _holds_row(req: Any) -> bool:
-    kv = getattr(req, "kv", None)  # 0.5.23 keeps the req_to_token row on req.kv
-    return kv is not None and kv.req_pool_idx is not None
-
-
 def _live_requests(running_batch: Any, last_batch: Any) -> list[Any]:
-    """Requests whose KV rows stay live into the next step (decoding now, or just prefilled)."""
-    reqs: list[Any] = []
-    seen: set[int] = set()
-    for batch in (running_batch, last_batch):
-        if batch is None:
-            continue
-        for req in batch.reqs:
-            if id(req) not in seen and not req.finished() and _holds_row(req):
-                seen.add(id(req))
-                reqs.append(req)
-    return reqs
+    """Requests whose KV rows stay live into the next step (decoding now, or just prefilled); 0.5.23 keeps
+    the req_to_token row on ``req.kv``."""
+    batches = [b.reqs for b in (running_batch, last_batch) if b is not None]
+    if len(batches) == 2 and last_batch is running_batch:
+        batches.pop()
+    live = [req for reqs in batches for req in reqs
+            if (kv := getattr(req, "kv", None)) is not None and kv.req_pool_idx is not None and not req.finished()]
+    if len(batches) > 1:  # a request in both batches counts once, where it first appears
+        live = list({id(req): req for req in live}.values())
+    return live
 
 
 def _relieve_fp16_pressure(scheduler: Any, tree: Any, reqs: list[Any], state: FadeSchedulerState) -> None:
@@ -132,7 +127,10 @@ def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
     now = time.monotonic()
     reqs = _live_requests(running_batch, last_batch)
     chunked = getattr(scheduler, "chunked_req", None)
-    scheduler.token_to_kv_pool_allocator.running_requests = sum(r is not chunked for r in reqs)
+    running = len(reqs)  # reqs holds each request once
+    if chunked is not None and any(r is chunked for r in reqs):
+        running -= 1
+    scheduler.token_to_kv_pool_allocator.running_requests = running
     # No catch-all: every demotion is all-or-nothing (TieredKVStore.demote frees what it allocated on
     # error, and rows / nodes are rewritten only after it returns), so a failure leaves slots and nodes
     # consistent, and it surfaces as the real error instead of a server that silently stops compressing.

@@ -224,3 +224,39 @@ def test_evict_result_and_size_bookkeeping() -> None:
     assert res.num_tokens_evicted == fp16_held  # fp16 slots handed back, however they were freed
     assert sim.alloc.fp16_available() == sim.pool.layout.capacity(Tier.FP16)
     sim.check()
+
+
+def test_pressure_index_refiles_a_prefix_that_stops_being_shared() -> None:
+    """Pressure demotion pops a heap keyed by (shared, priority): when evicting a branch makes its parent
+    an unshared node, the parent's key falls and it must be filed again (ahead of the shared ones)."""
+    sim = Sim(small_config(sink_tokens=0, shared_prefix_min_hits=0, demote_chunk=4))
+    shared = list(range(200, 210))
+    insert(sim, shared + [1, 2, 3])
+    insert(sim, shared + [4, 5, 6])
+    insert(sim, list(range(300, 306)))
+    sim.cache.evict(EvictParams(num_tokens=1))  # builds the heap; moves [1, 2, 3] and one of [4, 5, 6]
+    assert tiers_of(sim, shared + [1, 2, 3])[-3:] == [Tier.WARM] * 3
+    got_fp16, got_total = sim.cache._evict_leaves(3, lower_helps=True)  # the all-warm leaf goes first
+    assert (got_fp16, got_total) == (0, 3)
+    assert sim.cache.check_bookkeeping() == []  # the prefix is unshared now and filed under that key
+    sim.cache.evict(EvictParams(num_tokens=8))  # verify_decisions: the same picks as the sorted walk
+    assert sim.cache.check_bookkeeping() == []
+    sim.check()
+
+
+def test_pressure_scan_survives_a_heap_rebuild_mid_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node accessed since it was filed is re-filed when it surfaces; if that rebuilds the heaps in the
+    middle of a scan, nodes the scan already took must not come out twice."""
+    from fade_sglang.radix.policy import TreeBook
+
+    monkeypatch.setattr(TreeBook, "P_SLACK", -10**9)  # rebuild on every filing
+    sim = Sim(small_config(sink_tokens=0, shared_prefix_min_hits=0, demote_chunk=1))
+    a, b, c = (list(range(k, k + 6)) for k in (100, 200, 300))
+    for toks in (a, b, c):
+        insert(sim, toks)
+    sim.cache.evict(EvictParams(num_tokens=1))  # builds the heaps (one token of a, the coldest, moves)
+    sim.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", b))))  # b's filed key is stale now
+    sim.cache.evict(EvictParams(num_tokens=12))  # a, then b surfaces stale (rebuild), then c, b
+    assert [tiers_of(sim, t).count(Tier.FP16) for t in (a, b, c)] == [0, 5, 0]
+    assert sim.cache.check_bookkeeping() == []
+    sim.check()

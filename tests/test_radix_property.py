@@ -57,13 +57,17 @@ class SimReq:
     priority: Any = None
     hashes: list[int] = field(default_factory=list)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "origin_len":  # a plain list attribute, as on SGLang's Req (tokens only ever grow)
+            super().__setattr__("origin_input_ids", self.tokens[:value])
+
     @property
     def full_untruncated_fill_ids(self) -> array:
         return array("q", self.tokens)
 
-    @property
-    def origin_input_ids(self) -> list[int]:
-        return self.tokens[:self.origin_len]
+    def finished(self) -> bool:  # read by the scheduler hook's live-request filter
+        return False
 
 
 def prefix_hashes(tokens: list[int], start: int = 0, h: int = 0) -> list[int]:
@@ -75,15 +79,21 @@ def prefix_hashes(tokens: list[int], start: int = 0, h: int = 0) -> list[int]:
 
 
 class Sim:
-    def __init__(self, cfg: FadeConfig, size: int = 400, rows: int = 8, ctx: int = 160):
+    """``verify``: every demotion decision is also taken by the walk-based reference and compared."""
+
+    def __init__(self, cfg: FadeConfig, size: int = 400, rows: int = 8, ctx: int = 160,
+                 geometry: tuple[int, int, int] = (HEADS, DIM, LAYERS), dtype: torch.dtype = torch.float32,
+                 verify: bool = True):
         self.cfg = cfg
-        self.pool = TieredKVPool(size=size, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
-                                 layer_num=LAYERS, device="cpu", enable_memory_saver=False, fade_config=cfg)
+        self.heads, self.dim, self.layers = geometry
+        self.pool = TieredKVPool(size=size, page_size=1, dtype=dtype, head_num=self.heads, head_dim=self.dim,
+                                 layer_num=self.layers, device="cpu", enable_memory_saver=False, fade_config=cfg)
         self.alloc = FadeTokenAllocator(self.pool, self.pool.dtype, self.pool.device)
         self.rtp = ReqToTokenPool(rows, ctx, "cpu", False)
         self.cache = TieredRadixCache(CacheInitParams(disable=False, req_to_token_pool=self.rtp,
                                                       token_to_kv_pool_allocator=self.alloc, page_size=1), cfg)
-        self.table = [synthetic_kv(TABLE, HEADS, DIM, seed=11 + l) for l in range(LAYERS)]
+        self.cache.verify_decisions = verify
+        self.table = [synthetic_kv(TABLE, self.heads, self.dim, seed=11 + l) for l in range(self.layers)]
         self.running: list[SimReq] = []
 
     # ------------------------------------------------------------------ KV content
@@ -93,7 +103,7 @@ class Sim:
         return k[idx], v[idx]
 
     def write_kv(self, slots: torch.Tensor, hashes: list[int]) -> None:
-        for l in range(LAYERS):
+        for l in range(self.layers):
             k, v = self.ref_kv(hashes, l)
             self.pool.set_kv_buffer(None, slots, k, v, layer_id_override=l)
 
@@ -236,7 +246,7 @@ class Sim:
         if not hashes:
             return
         tiers = self.pool.tier_of(slots)
-        for l in range(LAYERS):
+        for l in range(self.layers):
             k, v = self.pool.read_kv(l, slots)
             rk, rv = self.ref_kv(hashes, l)
             for got, ref in ((k, rk), (v, rv)):
@@ -292,6 +302,8 @@ def run_ops(sim: Sim, seed: int, steps: int) -> None:
             assert res.device_prefix_len == want
             assert len(sim.cache.path_device_indices(res.last_device_node)) == want
         sim.check(values=step % 10 == 9)  # KV read-back is the slow part: every 10th step
+        # The incremental bookkeeping (per-node tiers, totals, idle index) equals a full recount.
+        assert sim.cache.check_bookkeeping() == [], f"step {step}"
     sim.check()
     # Running requests' cached prefixes are still matched in full (locked KV is never evicted).
     for req in sim.running:
@@ -313,3 +325,75 @@ def test_random_operations_keep_invariants(seed: int, overrides: dict, size: int
     assert sum(stats["tree_tokens"].values()) == sim.cache.total_size()
     # Every demotion path got exercised somewhere in the run.
     assert stats["demoted_tokens"], stats
+
+
+@pytest.mark.parametrize("seed,overrides,size,policy", [
+    (5, {"idle_recent_tokens": 3}, 300, "lru"),  # recent tails: the idle index follows leaf ends
+    (6, {"tier_budget": {"fp16": 0.7, "warm": 0.0, "cold": 0.3}}, 300, "lru"),  # no warm tier
+    (7, {"shared_prefix_min_hits": 0}, 260, "mru"),  # priorities that fall over time; tight fp16
+    (8, {"demote_chunk": 1, "recent_window": 2}, 300, "lfu"),
+])
+def test_incremental_bookkeeping_matches_a_full_recount(seed: int, overrides: dict, size: int, policy: str) -> None:
+    """After every random operation the cached tier counts, fp16 totals and idle index equal a full walk,
+    and every demotion picks what the walk-based reference picks (``verify_decisions``)."""
+    from sglang.srt.mem_cache.utils import get_eviction_strategy
+
+    sim = Sim(small_config(**overrides), size=size)
+    sim.cache.eviction_strategy = get_eviction_strategy(policy)
+    run_ops(sim, seed, steps=120)
+    assert sim.cache.tier_stats()["demoted_tokens"]
+
+
+def test_pressure_heaps_rebuilt_mid_scan_keep_the_same_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pressure heaps rebuilt on every filing, so also in the middle of a scan (a node accessed since it was
+    filed is re-filed when it surfaces): the picks must still be the walk-based reference's
+    (``verify_decisions``) and the index complete."""
+    from fade_sglang.radix.policy import TreeBook
+
+    monkeypatch.setattr(TreeBook, "P_SLACK", -10**9)
+    sim = Sim(small_config(), size=260)  # tight fp16 tier: pressure demotion on most allocations
+    run_ops(sim, 11, steps=100)
+    assert sim.cache.demoted[("evict", "fp16->warm")] > 0
+
+
+def test_running_demotion_skips_only_requests_a_full_plan_would_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode-heavy random run: every running request decodes every step and ``demote_running`` runs every
+    step, so the per-request memo (host-only skip) is used most of the time. With ``verify_decisions`` each
+    skip is checked against a full plan; interleaved checkpoints, releases, evictions and idle passes
+    change rows, locks and the tree under it."""
+    from fade_sglang.patches.running_demotion import RunningDemoter
+
+    calls = {"skipped": 0, "planned": 0}
+    full_plan = RunningDemoter._full_plan
+
+    def counting(self: Any, *args: Any) -> Any:
+        calls["skipped" if args[-1] is None else "planned"] += 1  # memo_attr None: verifying a memo skip
+        return full_plan(self, *args)
+
+    monkeypatch.setattr(RunningDemoter, "_full_plan", counting)
+    sim = Sim(small_config(recent_window=6, demote_chunk=8), size=700, rows=8, ctx=200)
+    rng = random.Random(9)
+    clock = time.monotonic()
+    for step in range(160):
+        if len(sim.running) < 5 or rng.random() < 0.1:
+            sim.start(random_tokens(rng))
+        for req in list(sim.running):
+            if not sim.decode(req, [rng.randrange(40, 60)]):
+                sim.release(req, cache_it=True)
+        op = rng.random()
+        if op < 0.05 and sim.running:
+            sim.checkpoint(rng.choice(sim.running))
+        elif op < 0.12 and sim.running:
+            sim.release(rng.choice(sim.running), cache_it=rng.random() < 0.8)
+        elif op < 0.18:
+            sim.cache.evict(EvictParams(num_tokens=rng.randint(1, 30)))
+        elif op < 0.24:
+            clock += 20.0
+            sim.cache.demote_idle(now=clock)
+        snap = sim.locked_snapshot(min_lock=2)
+        sim.cache.demote_running(list(sim.running), sim.rtp)
+        sim.assert_unchanged(snap)
+        sim.check(values=step % 20 == 19)
+        assert sim.cache.check_bookkeeping() == [], f"step {step}"
+    assert calls["skipped"] > 3 * calls["planned"] > 0, calls  # the memo did most of the work
+    assert sim.cache.demoted[("running", "fp16->warm")] > 0
