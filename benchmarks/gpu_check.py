@@ -315,17 +315,15 @@ class StoreCase:
 
         from fade_sglang.config import FadeConfig
         from fade_sglang.eval.synthetic import synthetic_kv
-        from fade_sglang.pool.layout import Tier, split_token_budget
-        from fade_sglang.pool.tiered_store import TieredKVStore, tier_bytes_per_token
+        from fade_sglang.pool.layout import Tier
+        from fade_sglang.pool.tiered_store import TieredKVStore
 
         n = sum(lens)
         self.lens, self.n, self.device = lens, n, device
-        cfg = FadeConfig(tier_budget={"fp16": 0.6, "warm": 0.25, "cold": 0.15})  # defaults: rotation, centering, clip
-        costs = tier_bytes_per_token(cfg, 1, kv_heads, head_dim, dtype)
+        cfg = FadeConfig()  # INT4 + INT2 sharing the arena with fp16; defaults: rotation, centering, clip
+        # The three fp16 copies at once, plus free pages for the packed records a demotion writes before it
+        # frees the fp16 rows it read (the tiers share the arena's pages).
         size = 4 * n + 64
-        while any(have < need for have, need in zip(split_token_budget(size, cfg.budget, costs),
-                                                     (3 * n + 16, 2 * n + 16, n + 16))):
-            size *= 2
         self.store = store = TieredKVStore(size, dtype, kv_heads, head_dim, 1, device, fade_config=cfg)
         k, v = synthetic_kv(n, kv_heads, head_dim, seed=seed)
         self.k, self.v = k.to(device), v.to(device)  # float32 originals

@@ -2,8 +2,9 @@
 
 Tiers: ``fp16`` (the model's KV dtype, full precision), ``warm`` (packed
 ``warm_bits``, INT4 by default) and ``cold`` (packed ``cold_bits``, INT2 by
-default). ``tier_budget`` splits the KV *bytes* between tiers, so moving budget
-to the packed tiers yields more tokens for the same memory.
+default). All tiers share one byte arena handed out in pages (``fade_sglang.pool.pages``):
+nothing is compressed while everything fits at full precision; ``tier_max_share`` only caps
+how much of the arena a packed tier may own.
 
 Load from a preset, from JSON (a string or a file path; an optional
 ``"preset"`` key names the base), and apply CLI-style ``key=value`` overrides.
@@ -24,6 +25,10 @@ from .quant.formats import SUPPORTED_BITS
 __all__ = ["FadeConfig", "FadeConfigError", "PRESETS", "TIER_NAMES"]
 
 TIER_NAMES = ("fp16", "warm", "cold")
+PACKED_TIER_NAMES = TIER_NAMES[1:]
+# Knobs that no longer exist, with what replaced them (one clear line instead of "unknown knob").
+_REMOVED_KNOBS = {"tier_budget": "tiers share one byte arena now; cap a packed tier with tier_max_share "
+                                 "(e.g. {\"cold\": 0.0} turns INT2 off)"}
 
 
 class FadeConfigError(ValueError):
@@ -46,8 +51,9 @@ class FadeConfig:
     rotation_seed: int = 0
     center_keys: bool = True  # subtract a per-(layer, head) key mean frozen at first demotion
     clip_search: bool = True  # per-group MSE-optimal range clipping at quantize time
-    # Byte budget split over (fp16, warm, cold); a zero share disables that tier.
-    tier_budget: dict[str, float] = field(default_factory=lambda: {"fp16": 0.2, "warm": 0.5, "cold": 0.3})
+    # Most of the KV byte arena each packed tier may own (fraction of its pages); 0 disables the tier.
+    # Not a partition: every tier draws pages from one arena as content ages and memory runs short.
+    tier_max_share: dict[str, float] = field(default_factory=lambda: {"warm": 1.0, "cold": 1.0})
     # Policy.
     demote_running: bool = True  # demote a running request's tokens older than its recent window
     demote_chunk: int = 64  # demote running requests in chunks of this many tokens (amortizes launches)
@@ -92,25 +98,34 @@ class FadeConfig:
         for knob in ("warm_idle_seconds", "cold_idle_seconds", "stats_interval_seconds"):
             v = getattr(self, knob)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, knob, f"must be a number >= 0, got {v!r}")
-        budget = self.tier_budget
-        need(isinstance(budget, dict), "tier_budget", f"must be a mapping of {TIER_NAMES} to fractions")
-        unknown = set(budget) - set(TIER_NAMES)
-        need(not unknown, "tier_budget", f"has unknown tiers {sorted(unknown)} (tiers: {', '.join(TIER_NAMES)})")
-        for tier in TIER_NAMES:
-            v = budget.get(tier, 0.0)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "tier_budget", f"[{tier}] must be a number >= 0, got {v!r}")
-        need(budget.get("fp16", 0) > 0, "tier_budget", "[fp16] must be > 0 (new tokens always land in fp16)")
-        total = sum(budget.get(t, 0.0) for t in TIER_NAMES)
-        need(abs(total - 1.0) < 1e-6, "tier_budget", f"fractions must sum to 1, got {total:g}")
+        shares = self.tier_max_share
+        need(isinstance(shares, dict), "tier_max_share", f"must be a mapping of {PACKED_TIER_NAMES} to fractions")
+        unknown = set(shares) - set(PACKED_TIER_NAMES)
+        need(not unknown, "tier_max_share", f"has unknown tiers {sorted(unknown)} (packed tiers: "
+             f"{', '.join(PACKED_TIER_NAMES)}; fp16 may always use the whole arena)")
+        for tier in PACKED_TIER_NAMES:
+            v = shares.get(tier, 0.0)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, "tier_max_share",
+                 f"[{tier}] must be a number in [0, 1], got {v!r}")
 
     # ------------------------------------------------------------------ derived
     @property
-    def budget(self) -> tuple[float, float, float]:
-        return tuple(float(self.tier_budget.get(t, 0.0)) for t in TIER_NAMES)  # type: ignore[return-value]
+    def max_shares(self) -> tuple[float, float, float]:
+        """Most of the arena each tier (fp16, warm, cold) may own; fp16 may own all of it."""
+        return (1.0, *(float(self.tier_max_share.get(t, 0.0)) for t in PACKED_TIER_NAMES))  # type: ignore[return-value]
+
+    @property
+    def warm_enabled(self) -> bool:
+        return self.max_shares[1] > 0
 
     @property
     def cold_enabled(self) -> bool:
-        return self.budget[2] > 0
+        return self.max_shares[2] > 0
+
+    @property
+    def compresses(self) -> bool:
+        """Whether any packed tier is enabled (otherwise the pool is plain full-precision KV)."""
+        return self.warm_enabled or self.cold_enabled
 
     @property
     def warm_format(self) -> QuantFormat:
@@ -161,6 +176,8 @@ class FadeConfig:
         changes: dict[str, Any] = {}
         for raw_key, value in overrides.items():
             key = raw_key.replace("-", "_")
+            if key in _REMOVED_KNOBS:
+                raise FadeConfigError(f"fade config: {raw_key} was removed: {_REMOVED_KNOBS[key]}")
             if key not in known or key == "preset":
                 raise FadeConfigError(f"fade config: unknown knob {raw_key!r} (knobs: {', '.join(k for k in known if k != 'preset')})")
             changes[key] = _coerce(key, value, getattr(self, key))
@@ -175,11 +192,10 @@ class FadeConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def summary(self) -> str:
-        b = self.budget
         names = self.tier_display_names()
-        split = " ".join(f"{n}={x:.0%}" for n, x in zip(names, b) if x > 0)
+        caps = " ".join(f"{n}<={x:.0%}" for n, x in zip(names[1:], self.max_shares[1:]) if x > 0) or "none"
         return (f"preset={self.preset} sinks={self.sink_tokens} recent={self.recent_window} "
-                f"budget[{split}] rotation={'on' if self.rotation else 'off'} eviction={'on' if self.eviction else 'off'}")
+                f"packed[{caps}] rotation={'on' if self.rotation else 'off'} eviction={'on' if self.eviction else 'off'}")
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
@@ -206,12 +222,12 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # fp16 sinks + recent window, INT4 for everything else; no INT2.
-    "safe": dict(sink_tokens=16, recent_window=256, tier_budget={"fp16": 0.2, "warm": 0.8, "cold": 0.0},
+    "safe": dict(sink_tokens=16, recent_window=256, tier_max_share={"warm": 1.0, "cold": 0.0},
                  warm_idle_seconds=10.0, cold_idle_seconds=3600.0),
     # INT4 bulk plus INT2 for aged / cold branches.
-    "balanced": dict(sink_tokens=16, recent_window=128, tier_budget={"fp16": 0.2, "warm": 0.5, "cold": 0.3},
+    "balanced": dict(sink_tokens=16, recent_window=128, tier_max_share={"warm": 1.0, "cold": 1.0},
                      warm_idle_seconds=5.0, cold_idle_seconds=60.0),
-    # Small fp16 tier, most bytes in INT2.
-    "aggressive": dict(sink_tokens=8, recent_window=64, tier_budget={"fp16": 0.1, "warm": 0.3, "cold": 0.6},
+    # Short fp16 windows, fast aging to INT2.
+    "aggressive": dict(sink_tokens=8, recent_window=64, tier_max_share={"warm": 1.0, "cold": 1.0},
                        warm_idle_seconds=1.0, cold_idle_seconds=10.0),
 }

@@ -3,12 +3,14 @@
 * ``alloc`` hands out fp16 slots only: every new token is written at full precision.
 * ``free`` accepts slots of any tier (the radix tree and finished requests free
   demoted slots without knowing their tier); the pool routes them.
-* ``available_size`` counts free slots of *all* tiers: the scheduler's
-  conservation check is ``available + evictable + protected + uncached ==
-  max_total_num_tokens`` and the tree / request counts are in tokens of any tier.
+* ``available_size`` is the slot total (every tier's slot range) minus the slots in use: the
+  scheduler's conservation check is ``available + evictable + protected + uncached ==
+  max_total_num_tokens`` and the tree / request counts are in tokens of any tier. It is not
+  a statement about memory (the tiers share one arena), so admission does not use it:
 * prefill admission (:class:`FadePrefillBudget`) checks the immediate allocation
   against fp16 slots that are free or reclaimable (by demotion alone while requests
-  run), and the lifetime demand against all tiers.
+  run), and the lifetime demand against the arena's free *bytes*, counted at the
+  precision tokens will have (sinks and recent windows fp16, the rest warm).
 * fp16 shortage is handled where SGLang asks for room before allocating
   (``evict_to_free_tokens`` / ``check_decode_capacity``): the shortfall is
   measured in *fp16* slots and handed to the tree cache's ``evict``, which
@@ -46,6 +48,12 @@ class FadePrefillBudget(PrefillBudget):
     """
 
     _admitted = False  # set by reserve(): this pass admitted a prefill (or a chunk)
+
+    def _available_and_evictable(self) -> int:
+        """Lifetime room in tokens: the arena's free bytes at the precision pressure demotes to, plus what
+        eviction could free (SGLang's plain budget counts free slots, which here are address space)."""
+        keep = self.allocator.fp16_kept_tokens(self.allocator.running_requests + 1)
+        return self.allocator.pool.free_room_tokens(keep) + self.tree_cache.evictable_size()
     _fp16_chunked = False  # this pass already cut one prefill to the fp16 room
 
     def fp16_room(self) -> int:
@@ -108,7 +116,7 @@ class FadeTokenAllocator(BaseTokenToKVPoolAllocator):
         self.running_requests = 0
         self.clear()
 
-    # free_pages is read by SGLang's debug census; expose every tier's free slots.
+    # free_pages is read by SGLang's debug census; expose every tier's free rows (of the pages it owns).
     @property
     def free_pages(self) -> torch.Tensor | None:
         pool = getattr(self, "pool", None)
@@ -121,8 +129,7 @@ class FadeTokenAllocator(BaseTokenToKVPoolAllocator):
         pass
 
     def clear(self) -> None:
-        for a in self.pool.allocators:
-            a.clear()
+        self.pool.clear_slots()
         self.free_group = None
         self.release_pages = torch.empty((0,), dtype=torch.int64, device=self.device)
 
@@ -131,16 +138,21 @@ class FadeTokenAllocator(BaseTokenToKVPoolAllocator):
 
     # ------------------------------------------------------------------ capacity
     def available_size(self) -> int:
-        return sum(self.pool.available(t) for t in Tier)
+        return self.size - sum(self.pool.used(t) for t in Tier)
 
     def fp16_available(self) -> int:
         return self.pool.available(Tier.FP16)
+
+    def fp16_kept_tokens(self, requests: int) -> int:
+        """fp16 tokens ``requests`` keep however hard memory is pressed: sinks and recent windows."""
+        cfg = self.pool.fade_config
+        return requests * (cfg.sink_tokens + cfg.recent_window)
 
     def get_all_free_pages(self) -> torch.Tensor:
         return self.free_pages
 
     def merge_and_sort_free(self) -> None:
-        pass  # each tier keeps its own free list
+        pass  # each tier keeps its own free rows; pages go back to one free list
 
     def create_prefill_budget(self, tree_cache: Any, *, num_mixed_decode_tokens: int = 0) -> FadePrefillBudget:
         return FadePrefillBudget(self, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
@@ -198,7 +210,7 @@ def build_allocator_hook(original: Callable[..., Any], kvc: Any, *, sizes: Any, 
     if token_to_kv_pool_allocator is not None:
         raise ValueError("fade: a shared (draft) allocator is not supported with the tiered pool")
     alloc = FadeTokenAllocator(token_to_kv_pool, kvc.kv_cache_dtype, kvc.device)
-    logger.info("[fade] allocator: new tokens land in %d fp16 slots; %d slots over all tiers",
+    logger.info("[fade] allocator: new tokens land in fp16 (up to %d); slot ranges of all tiers: %d",
                 token_to_kv_pool.layout.fp16_slots, alloc.size)
     return alloc
 

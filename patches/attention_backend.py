@@ -39,6 +39,8 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from fade_sglang.pool.layout import Tier
 from fade_sglang.pool.view import TieredLayerKV
 
+from .cli import resolved_device
+
 try:  # SGLang itself needs triton; the guard only keeps this module importable without it
     import triton
     import triton.language as tl
@@ -56,9 +58,7 @@ ExtendImpl = Callable[..., torch.Tensor]
 
 def default_backend(device: str | None) -> str:
     """The Triton kernels where they run natively (CUDA), the torch reference elsewhere."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return TRITON_BACKEND if str(device).startswith("cuda") else TORCH_BACKEND
+    return TRITON_BACKEND if resolved_device(device).startswith("cuda") else TORCH_BACKEND
 
 
 # ----------------------------------------------------------------------------- backend

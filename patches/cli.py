@@ -214,17 +214,21 @@ def check_model(model_path: str, trust_remote_code: bool = False, device: str | 
                               f"(fade supports MHA/GQA decoder models with full attention)")
 
 
-def _triton_device(server_args: Any) -> str | None:
-    """The device when fade will read KV with its Triton kernels (CUDA and no explicit fade_torch), else None."""
-    backend = getattr(server_args, "attention_backend", None)
-    device = getattr(server_args, "device", None)
-    if backend == "fade_torch":
-        return None
+def resolved_device(device: str | None) -> str:
+    """SGLang's ``--device`` as it will resolve: CUDA when unset on a host with a GPU, else CPU."""
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device if str(device).startswith("cuda") else None
+    return str(device)
+
+
+def _triton_device(server_args: Any) -> str | None:
+    """The device when fade will read KV with its Triton kernels (CUDA and no explicit fade_torch), else None."""
+    if getattr(server_args, "attention_backend", None) == "fade_torch":
+        return None
+    device = resolved_device(getattr(server_args, "device", None))
+    return device if device.startswith("cuda") else None
 
 
 def fail(message: str) -> NoReturn:

@@ -1,9 +1,10 @@
 """TieredKVPool: SGLang's ``MHATokenToKVPool`` interface over the core :class:`TieredKVStore`.
 
 SGLang constructs, sizes and writes the pool through ``MHATokenToKVPool``; every tier decision
-lives in the core store. This class only wires the two: the fp16 tier's buffer is the store's,
-SGLang's write path quantizes the (test-only) packed-slot writes through the store, the byte
-count includes the packed tiers, and demotion uses the fused Triton quantize kernel on CUDA.
+lives in the core store. This class only wires the two: SGLang's K/V buffers are the store's byte
+arena viewed as fp16 rows (the packed tiers live in the same bytes), SGLang's write path quantizes
+the (test-only) packed-slot writes through the store, and demotion uses the fused Triton quantize
+kernel on CUDA.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def demotion_kernel(device: str | torch.device, head_dim: int, enabled: bool | N
 
 
 class TieredKVPool(TieredKVStore, MHATokenToKVPool):
-    """``size`` is the total token capacity over all tiers (SGLang sizes it from the effective bytes/token)."""
+    """``size``: full-precision tokens of the KV bytes (SGLang sizes it as for a plain pool)."""
 
     fade_config: FadeConfig | None = None  # set on a bound subclass when SGLang constructs the pool
 
@@ -51,7 +52,7 @@ class TieredKVPool(TieredKVStore, MHATokenToKVPool):
 
     # ------------------------------------------------------------------ SGLang buffer layout
     def _create_buffers_normal(self) -> None:
-        """SGLang's per-layer K/V buffers are views of the store's single fp16 allocation."""
+        """SGLang's per-layer K/V buffers are fp16 views of the store's byte arena."""
         k_shape, v_shape = self._kv_buffer_shapes()
         if self.kv_cache_layout != "nhd" or k_shape != v_shape:
             raise ValueError("fade KV compression needs the NHD KV layout with equal K/V shapes")
@@ -59,11 +60,6 @@ class TieredKVPool(TieredKVStore, MHATokenToKVPool):
             raise ValueError(f"SGLang's KV buffer shape {tuple(k_shape)} differs from fade's fp16 tier "
                              f"{self.fp16_buffer_shape()}")
         self._allocate_fp16(self.store_dtype, self.device)
-
-    def get_kv_size_bytes(self) -> tuple[int, int]:
-        k, v = super().get_kv_size_bytes()
-        packed = self.packed_nbytes()
-        return k + packed // 2, v + packed - packed // 2
 
     # ------------------------------------------------------------------ writes
     def set_kv_buffer(self, layer: Any, loc: Any, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -8,22 +8,19 @@ Hook points (all on ``sglang.srt``):
 * ``mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class`` (AROUND):
   ``kind="mha"`` resolves to a TieredKVPool subclass bound to this server's config,
   constructed by SGLang with its usual kwargs.
-* ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size`` (AROUND):
-  bytes/token of the tier *mix*, so ``max_total_num_tokens = available_bytes // cell``
-  counts tokens over all tiers and the same memory holds more tokens than fp16.
 * ``mem_cache.kv_cache_configurator.KVCacheConfigurator.configure`` (AROUND):
-  reports the pool's exact slot total (the per-tier split rounds down) as
-  ``max_total_num_tokens`` so the scheduler's conservation check adds up, and
-  logs the tier split.
+  reports the pool's slot total (every tier's slot range) as ``max_total_num_tokens``
+  so the scheduler's token-conservation check adds up, and logs the arena.
 
-``--max-total-tokens N`` therefore means N tokens *across all tiers* (the same
-unit SGLang uses everywhere: a token is a token whatever its precision).
+SGLang sizes the pool exactly as for plain KV (the cell size is the full-precision one):
+the byte arena holds what a plain pool of the same memory holds at full precision, and
+more as tokens are demoted. ``--max-total-tokens N`` therefore means "the bytes of N
+full-precision tokens", so plain SGLang and fade given the same N get the same KV bytes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable
 
 import torch
@@ -35,7 +32,6 @@ from .cli import fade_config_from_server_args
 logger = logging.getLogger("fade_sglang")
 
 _CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
-_POOL_CONFIGURATOR = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator"
 
 # Model-precision KV dtypes the fp16 tier can hold (quantized KV formats are a different design).
 _FP_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,15 +81,6 @@ def check_model_supported(kvc: Any, cfg: FadeConfig) -> None:
         raise FadeSetupError("--kv-compression fade cannot serve this setup: " + problems[0])
 
 
-def tier_mix_ratio(cfg: FadeConfig, head_dim: int, dtype: torch.dtype) -> float:
-    """Effective bytes/token of the tier mix divided by the full-precision bytes/token."""
-    from fade_sglang.pool.layout import effective_bytes_per_token
-    from fade_sglang.pool.tiered_store import tier_bytes_per_token
-
-    per_tier = tier_bytes_per_token(cfg, 1, 1, head_dim, dtype)  # the ratio is independent of layers/heads
-    return effective_bytes_per_token(cfg.budget, per_tier) / per_tier[0]
-
-
 # ----------------------------------------------------------------------------- hooks
 
 
@@ -118,18 +105,6 @@ def resolve_kv_pool_class_hook(original: Callable[..., Any], kvc: Any, *, kind: 
     return bound_pool_class(cfg)
 
 
-def compute_cell_size_hook(original: Callable[..., Any], configurator: Any, kvc: Any, num_layers: int) -> int:
-    cell = original(configurator, kvc, num_layers)
-    cfg = _cfg_of(kvc)
-    if cfg is None or cell == 0 or kvc.use_mla_backend:
-        return cell  # MLA is rejected with a clear message when the pool is built
-    ratio = tier_mix_ratio(cfg, kvc.model_config.head_dim, kvc.kv_cache_dtype)
-    fade_cell = max(1, math.ceil(cell * ratio))  # round up: never promise bytes we do not have
-    logger.info("[fade] KV cell size %d -> %d bytes/token (tier mix = %.3fx of full precision, %.2fx tokens)",
-                cell, fade_cell, ratio, cell / fade_cell)
-    return fade_cell
-
-
 def configure_hook(original: Callable[..., Any], kvc: Any, *args: Any, **kwargs: Any) -> Any:
     result = original(kvc, *args, **kwargs)
     if _cfg_of(kvc) is None:
@@ -139,7 +114,7 @@ def configure_hook(original: Callable[..., Any], kvc: Any, *args: Any, **kwargs:
     pool = result.token_to_kv_pool
     total = pool.total_size
     if total != result.max_total_num_tokens:
-        # The per-tier split floors each tier; capacity is what the tiers really hold.
+        # SGLang's token accounting counts slots of every tier; the arena's bytes stay those of a plain pool.
         result = msgspec.structs.replace(result, max_total_num_tokens=total)
         if result.memory_pool_config is not None:
             result.memory_pool_config.max_total_num_tokens = total
@@ -149,20 +124,16 @@ def configure_hook(original: Callable[..., Any], kvc: Any, *args: Any, **kwargs:
 
 def log_tier_split(pool: Any) -> None:
     names = pool.fade_config.tier_display_names()
-    fp_bytes = pool.tier_bytes[0]
-    parts = []
-    for t, name in enumerate(names):
-        cap = pool.layout.capacity(t)
-        if cap:
-            parts.append(f"{name}={cap} tok x {pool.tier_bytes[t]} B ({cap * pool.tier_bytes[t] / 2**20:.2f} MiB)")
+    geom = pool.geometry
+    rows = ", ".join(f"{n}={r}" for n, r in zip(names, geom.rows_per_page) if r)
     k, v = pool.get_kv_size_bytes()
-    logger.info("[fade] tiered KV pool: %d tokens over tiers [%s]; %.2f MiB total; %.2fx the tokens of a "
-                "full-precision pool of the same bytes (%s)", pool.total_size, ", ".join(parts), (k + v) / 2**20,
-                fp_bytes / pool.effective_bytes_per_token(), pool.fade_config.summary())
+    logger.info("[fade] tiered KV arena: %.2f MiB in %d pages of %d B/layer (tokens per page: %s); holds %d tokens at "
+                "full precision and up to %d compressed (%.2fx); pages go to whichever tier needs them (%s)",
+                (k + v) / 2**20, pool.pages, geom.page_bytes, rows, pool.layout.fp16_slots, pool.max_tokens(),
+                pool.max_tokens() / pool.layout.fp16_slots, pool.fade_config.summary())
 
 
 def register_pool_hooks(register: Callable[[str, Callable[..., Any], Any], None], around: Any) -> None:
     register(f"{_CONFIGURATOR}._build_token_to_kv_pool", build_token_to_kv_pool_hook, around)
     register(f"{_CONFIGURATOR}._resolve_kv_pool_class", resolve_kv_pool_class_hook, around)
     register(f"{_CONFIGURATOR}.configure", configure_hook, around)
-    register(f"{_POOL_CONFIGURATOR}._compute_cell_size", compute_cell_size_hook, around)

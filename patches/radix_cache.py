@@ -294,8 +294,9 @@ class TieredRadixCache(RadixCache):
     def evict(self, params: EvictParams) -> EvictResult:
         """Free ``params.num_tokens`` fp16 slots: demote first, evict leaves only if still short.
 
-        ``num_tokens_evicted`` reports fp16 slots freed (by demotion or eviction), the
-        quantity the allocator's ``available_size`` gains.
+        ``num_tokens_evicted`` reports fp16 slots freed (by demotion or eviction). Demoted tokens' packed
+        records take arena pages, so the fp16 room gained can be smaller: the allocator
+        (``FadeTokenAllocator.evict_to_free_tokens``) measures it and asks again while short.
         """
         if self.disable or params.num_tokens <= 0:
             return EvictResult()
@@ -314,8 +315,9 @@ class TieredRadixCache(RadixCache):
 
     def demote_running(self, reqs: Iterable[Any], req_to_token_pool: Any | None = None,
                        recent_window: int | None = None, demote_chunk: int | None = None,
-                       include_prompt: bool = False) -> int:
-        """Demote running requests' generated fp16 tokens older than the recent window to warm.
+                       include_prompt: bool = False, limit: int | None = None) -> int:
+        """Demote running requests' generated fp16 tokens older than the recent window to warm (at most
+        ``limit``).
 
         Positions below ``sink_tokens`` never move; prompt positions only with ``include_prompt``
         (fp16 pressure: cached prompts are otherwise aged by the radix policy, which sees sharing).
@@ -325,11 +327,59 @@ class TieredRadixCache(RadixCache):
         if self.disable or not self.fade_config.demote_running or not self._tier_enabled(Tier.WARM):
             return 0
         return self._running.demote(list(reqs), req_to_token_pool or self.req_to_token_pool,
-                                    recent_window, demote_chunk, include_prompt)
+                                    recent_window, demote_chunk, include_prompt, limit)
+
+    def demote_for_room(self, want: int) -> int:
+        """Pressure relief: free up to ``want`` fp16 slots by demoting idle branches (nothing evicted)."""
+        if self.disable or want <= 0:
+            return 0
+        return self._make_fp16_room(int(want))
 
     # ------------------------------------------------------------------ demote-before-evict helpers
+    def _drain_fp16_pages(self, max_pages: int) -> int:
+        """Demote every fp16 token on up to ``max_pages`` fp16 pages whose live rows all belong to unlocked
+        tree nodes (past their sinks), highest pages first; returns tokens moved.
+
+        Demoting the coldest tokens frees fp16 *rows*, which new tokens fill again, while a packed tier can
+        only grow by whole *pages*: under steady pressure no page would ever empty and the packed tiers
+        would stay as small as they started. Draining whole pages hands them back (packed tiers claim from
+        the top of the arena, so the top pages go first)."""
+        dst = Tier.WARM if self._tier_enabled(Tier.WARM) else Tier.COLD
+        if max_pages <= 0 or not self._tier_enabled(dst):
+            return 0
+        book = self._sync()
+        nodes = [n for n in book.movable[Tier.FP16] if n.lock_ref == 0]
+        cand = []
+        for node in nodes:
+            keep, stop = book.movable_range(node, 0)
+            pos = tier_positions(book.rec(node).tiers, keep, stop, (Tier.FP16,))
+            if pos:
+                cand.append((node, pos))
+        if not cand:
+            return 0
+        rows = self.pool.geometry.rows_per_page[Tier.FP16]
+        slots = torch.cat([n.value[torch.tensor(p, dtype=torch.int64, device=n.value.device)] for n, p in cand])
+        pages = slots // rows
+        movable = torch.bincount(pages, minlength=self.pool.pages)
+        live = self.pool.page_table.live.to(movable.device)
+        drainable = torch.nonzero((movable > 0) & (movable == live)).reshape(-1).flip(0)
+        room_pages = self.pool.available(dst) // rows
+        chosen = drainable[:min(max_pages, room_pages)]
+        if chosen.numel() == 0:
+            return 0
+        take = torch.isin(pages, chosen).tolist()
+        picks, off = [], 0
+        for node, pos in cand:
+            sel = [p for p, t in zip(pos, take[off:off + len(pos)]) if t]
+            off += len(pos)
+            if sel:
+                picks.append((node, sel))
+        return self._apply_demotion(picks, dst, "evict")
+
     def _make_fp16_room(self, want: int) -> int:
         """Free fp16 slots by demotion alone, cascading warm -> cold when the warm tier is full."""
+        if self.pool.page_table.free_pages() == 0:  # the packed tiers' spare page is taken: win pages back
+            self._drain_fp16_pages(2)
         freed = 0
         if self._tier_enabled(Tier.WARM):
             short = want - self.pool.available(Tier.WARM)
@@ -338,6 +388,8 @@ class TieredRadixCache(RadixCache):
             freed += self._demote_coldest((Tier.FP16,), Tier.WARM, want, "evict")
         if freed < want:  # warm full of pinned tokens (or disabled): straight to cold
             freed += self._demote_coldest((Tier.FP16,), Tier.COLD, want - freed, "evict")
+        if freed < want:  # no packed room left: whole fp16 pages give some back
+            freed += self._drain_fp16_pages(-(-(want - freed) // self.pool.geometry.rows_per_page[Tier.FP16]) + 1)
         return freed
 
     def _has_demotable_fp16(self) -> bool:

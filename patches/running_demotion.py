@@ -60,8 +60,9 @@ class RunningDemoter:
         self.cache = cache  # the TieredRadixCache that owns this demoter (not imported: no import cycle)
 
     def demote(self, reqs: list[Any], req_to_token_pool: Any, recent_window: int | None = None,
-               demote_chunk: int | None = None, include_prompt: bool = False) -> int:
+               demote_chunk: int | None = None, include_prompt: bool = False, limit: int | None = None) -> int:
         """Demote generated tokens older than the window; ``include_prompt`` also takes prompt tokens.
+        ``limit``: at most this many tokens (oldest positions of each request first).
 
         Prompt tokens are normally left to the radix policy, which sees sharing: a system prompt
         demoted by its first request would reach the tree already quantized. Under fp16 pressure
@@ -94,16 +95,18 @@ class RunningDemoter:
             if plan is not None:
                 plans.append(plan)
         want = sum(p.positions.numel() for p in plans)
+        if limit is not None:
+            want = min(want, limit)
         if want == 0:
             return 0
         short = want - pool.available(Tier.WARM)
         if short > 0 and cache._tier_enabled(Tier.COLD):  # make warm room from idle, unlocked tree nodes
             cache._demote_coldest((Tier.WARM,), Tier.COLD, short, "running")
-        room = pool.available(Tier.WARM)
+        room = pool.available(Tier.WARM) if limit is None else min(limit, pool.available(Tier.WARM))
         chosen: list[_Plan] = []
         for plan in plans:
             take = min(plan.positions.numel(), room)
-            if take < chunk:
+            if take <= 0 or (limit is None and take < chunk):
                 break
             plan.positions = plan.positions[:take]  # oldest positions first
             chosen.append(plan)

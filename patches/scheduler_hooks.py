@@ -3,14 +3,22 @@
 Hook points:
 
 * ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AFTER): attaches the fade
-  state, clamps the prefill chunk to what the fp16 tier can hold, starts stats.
+  state, clamps the prefill chunk to half the arena at full precision, starts stats.
 * ``sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run`` (AROUND):
   called once per event-loop iteration, after the previous batch's results were
   processed and before the next batch is formed. Fade forces
   ``--disable-overlap-schedule``, so no forward is reading the KV here and
-  rewriting slots (demotion) is safe. Runs ``demote_running`` over the requests
-  that will keep decoding, then ``demote_idle``, and tells the allocator how many
-  requests are live (prefill admission waits for them rather than evict for fp16).
+  rewriting slots (demotion) is safe. Relieves memory pressure (below), runs
+  ``demote_idle``, and tells the allocator how many requests are live (prefill
+  admission waits for them rather than evict for fp16).
+
+Memory pressure: the next step needs an fp16 slot per decoding request, the waiting
+queue's head needs its next prefill chunk, and a chunked prefill its next chunk. Only
+when the arena cannot give that much fp16 room does anything running get compressed,
+in this order: idle radix branches (coldest first, warm -> cold before fp16 -> warm),
+then the middle of running requests (sinks and recent windows stay fp16), and as a last
+resort smaller recent windows. Eviction (SGLang's ``evict``) and retraction come after.
+While everything fits at full precision nothing is compressed.
 * ``sglang.srt.mem_cache.registry`` radix backend ``"fade"``, selected
   automatically under ``--kv-compression fade`` (the default tree in 0.5.23 is
   the Rust-core UnifiedRadixCache, which the tiered cache does not extend).
@@ -19,6 +27,7 @@ Hook points:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable
 
@@ -31,8 +40,13 @@ _SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 # demote_idle looks only at nodes whose idle time came due (the radix cache's age index, not a tree
 # walk); a few passes a second are plenty for second-scale idle thresholds.
 _IDLE_DEMOTE_PERIOD_S = 0.25
-# Fraction of the fp16 tier one prefill chunk may take (the rest holds decode windows).
+# Fraction of the arena (at full precision) one prefill chunk may take.
 _CHUNK_FP16_SHARE = 0.5
+# Passes of pressure relief per step: each demotion can only fill the pages free at its start, and the
+# fp16 rows it frees come back as whole pages for the next pass.
+_RELIEF_PASSES = 16
+# Pressure relief moves at least this many fp16 pages' worth of tokens per pass.
+_RELIEF_PAGES = 4
 
 
 class FadeSchedulerState:
@@ -42,6 +56,28 @@ class FadeSchedulerState:
         self.last_idle_demote = 0.0
         self.demotion_passes = 0
         self.pressure_demotions = 0  # passes that shrank the recent window to keep decoding
+        self.pressure_steps = 0  # steps that compressed something because fp16 room ran short
+
+    @property
+    def retracted_requests(self) -> int:
+        return _RETRACTED[0]
+
+
+# Requests SGLang retracted (out of KV memory mid-decode) in this scheduler process.
+_RETRACTED = [0]
+
+
+def retract_decode_hook(result: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER ``ScheduleBatch.retract_decode``: count retractions for the stats (fade's last resort) and
+    say what the arena held when it came to that."""
+    _RETRACTED[0] += len(result[0])
+    if result[0]:
+        pool = batch.token_to_kv_pool_allocator.get_kvcache()
+        table = pool.page_table
+        logger.warning("[fade] retracted %d request(s): arena full (pages fp16/warm/cold/free %s/%d; tokens %s; "
+                       "fp16 room %d)", len(result[0]), "/".join(str(n) for n in table.owned), table.free_pages(),
+                       "/".join(str(pool.used(t)) for t in Tier), pool.available(Tier.FP16))
+    return result
 
 
 # ----------------------------------------------------------------------------- radix cache
@@ -80,10 +116,18 @@ def scheduler_init_hook(result: Any, scheduler: Any, server_args: Any, *args: An
     limit = _fp16_chunk_limit(scheduler)
     # A prefill chunk must land in fp16 at once; bigger chunks would fail allocation.
     if scheduler.chunked_prefill_size is None or scheduler.chunked_prefill_size > limit:
-        logger.info("[fade] chunked prefill size %s -> %d (half of the fp16 tier)", scheduler.chunked_prefill_size,
-                    limit)
+        logger.info("[fade] chunked prefill size %s -> %d (half of the arena at full precision)",
+                    scheduler.chunked_prefill_size, limit)
         scheduler.chunked_prefill_size = limit
     scheduler.max_prefill_tokens = min(scheduler.max_prefill_tokens, limit)
+    # SGLang bounds a request by max_total_num_tokens, which counts every tier's slot range (address space);
+    # bound it by what one request can really hold compressed, so a longer prompt is refused up front.
+    most = scheduler.token_to_kv_pool_allocator.get_kvcache().max_request_tokens()
+    if most < scheduler.max_req_input_len:
+        logger.info("[fade] longest request %d -> %d tokens (what the arena holds with its middle compressed)",
+                    scheduler.max_req_input_len, most)
+        scheduler.max_req_input_len = most
+        scheduler.max_req_len = min(scheduler.max_req_len, most + 5)
     from sglang.srt.runtime_context import get_observability
 
     reporter = StatsReporter(cfg.stats_interval_seconds, bool(get_observability().enable_metrics))
@@ -104,17 +148,55 @@ def _live_requests(running_batch: Any, last_batch: Any) -> list[Any]:
     return live
 
 
-def _relieve_fp16_pressure(scheduler: Any, tree: Any, reqs: list[Any], state: FadeSchedulerState) -> None:
-    """Shrink the recent windows when the next decode step would not find an fp16 slot per request.
-
-    Without this, requests whose prompts + windows fill the fp16 tier can never grow (nothing
-    they hold may be demoted) and SGLang retracts them forever. Prompt tokens become eligible
-    and the window halves down to 0: precision of the newest tokens traded for progress.
-    """
+def _waiting_need(scheduler: Any) -> int:
+    """fp16 slots the next prefill wants: the chunked request's next chunk, else the waiting head's prompt
+    (up to one chunk). Zero when the head could not fit even compressed (no point compressing for it)."""
+    limit = scheduler.chunked_prefill_size or 1 << 30
+    chunked = getattr(scheduler, "chunked_req", None)
+    if chunked is not None:
+        return min(limit, max(0, len(chunked.origin_input_ids) - chunked.kv.kv_committed_len))
+    queue = getattr(scheduler, "waiting_queue", None)
+    if not queue:
+        return 0
+    head = queue[0]
     pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
-    need = 2 * len(reqs)  # this step's tokens plus headroom for the next
+    want = len(head.origin_input_ids) + (getattr(head.sampling_params, "max_new_tokens", 0) or 0)
+    alloc = scheduler.token_to_kv_pool_allocator
+    keep = alloc.fp16_kept_tokens(alloc.running_requests + 1)
+    return min(limit, len(head.origin_input_ids)) if want <= pool.free_room_tokens(keep) else 0
+
+
+def _relieve_pressure(scheduler: Any, tree: Any, reqs: list[Any], state: FadeSchedulerState) -> None:
+    """Make the fp16 room the next step needs by compressing, cheapest first (see the module doc).
+
+    Also keeps a spare free page beyond the packed tiers' reserve: demotion writes into pages, and the
+    fp16 rows it frees only come back as pages once whole pages drain, so work starts before the last
+    page is gone and moves a few pages' worth of tokens at a time (the oldest positions, which sit
+    together on their pages), not the handful one step is short of."""
+    pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+    table = pool.page_table
+    decode_need = 2 * len(reqs)  # this step's tokens plus headroom for the next
+    need = decode_need + _waiting_need(scheduler)
+    spare = table.reserve_pages + 1 if pool.fade_config.compresses else 0
+    if pool.available(Tier.FP16) >= need and table.free_pages() >= spare:
+        return
+    state.pressure_steps += 1
+    gain = pool.fp16_gain_per_demoted_token()  # fp16 room one fp16 -> warm demotion frees, net of its record
+    batch = _RELIEF_PAGES * pool.geometry.rows_per_page[Tier.FP16]
+    for _ in range(_RELIEF_PASSES):
+        short = need - pool.available(Tier.FP16)
+        if short <= 0 and table.free_pages() >= spare:
+            break
+        want = max(batch, math.ceil(max(short, 0) / max(gain, 1e-3)))
+        if tree.demote_for_room(want):
+            continue
+        if not (state.cfg.demote_running and reqs and tree.demote_running(
+                reqs, scheduler.req_to_token_pool, include_prompt=True, demote_chunk=1, limit=want)):
+            break
+    # Still short for decoding itself: trade the newest tokens' precision for progress. Without this,
+    # requests whose sinks + windows fill the arena could never grow and SGLang would retract them forever.
     window = state.cfg.recent_window
-    while pool.available(Tier.FP16) < need and window > 0:
+    while pool.available(Tier.FP16) < decode_need and window > 0 and state.cfg.demote_running:
         window //= 2
         if tree.demote_running(reqs, scheduler.req_to_token_pool, recent_window=window, demote_chunk=1,
                                include_prompt=True):
@@ -134,10 +216,8 @@ def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
     # No catch-all: every demotion is all-or-nothing (TieredKVStore.demote frees what it allocated on
     # error, and rows / nodes are rewritten only after it returns), so a failure leaves slots and nodes
     # consistent, and it surfaces as the real error instead of a server that silently stops compressing.
-    if state.cfg.demote_running and reqs:
-        tree.demote_running(reqs, scheduler.req_to_token_pool)
-        state.demotion_passes += 1
-        _relieve_fp16_pressure(scheduler, tree, reqs, state)
+    _relieve_pressure(scheduler, tree, reqs, state)
+    state.demotion_passes += 1
     if now - state.last_idle_demote >= _IDLE_DEMOTE_PERIOD_S:
         state.last_idle_demote = now
         tree.demote_idle(now)
@@ -156,3 +236,4 @@ def register_scheduler_hooks(register: Callable[[str, Callable[..., Any], Any], 
                              around: Any) -> None:
     register(f"{_SCHEDULER}.__init__", scheduler_init_hook, after)
     register(f"{_SCHEDULER}.get_next_batch_to_run", next_batch_hook, around)
+    register("sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", retract_decode_hook, after)

@@ -30,7 +30,7 @@ def collect_stats(scheduler: Any) -> dict[str, Any]:
     pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
     stats = pool.tier_stats()
     k_bytes, v_bytes = pool.get_kv_size_bytes()
-    stats["pool_bytes"] = int(k_bytes + v_bytes)  # allocated KV bytes, all tiers, scales included
+    stats["pool_bytes"] = int(k_bytes + v_bytes)  # the arena: all tiers, scales included
     stats["fp16_bytes_per_token"] = int(pool.tier_bytes[0])
     tree = scheduler.tree_cache
     stats["evictable_tokens"] = int(tree.evictable_size())
@@ -42,6 +42,8 @@ def collect_stats(scheduler: Any) -> dict[str, Any]:
     if state is not None:
         stats["demotion_passes"] = state.demotion_passes
         stats["pressure_demotions"] = state.pressure_demotions
+        stats["pressure_steps"] = state.pressure_steps
+        stats["retracted_requests"] = state.retracted_requests
     stats["config"] = pool.fade_config.to_dict()
     return stats
 
@@ -53,12 +55,15 @@ def evicted_total(stats: dict[str, Any]) -> int | None:
 
 
 def stats_line(stats: dict[str, Any]) -> str:
-    tiers = " ".join(f"{name}={t['used']}/{t['capacity']}" for name, t in stats["tiers"].items())
-    demoted = " ".join(f"{k}:{v}" for k, v in stats["demoted_tokens"].items())
+    tiers = " ".join(f"{name}={t['used']}tok/{t['pages']}pg" for name, t in stats["tiers"].items())
+    pages = stats["pages"]
+    by_cause = stats.get("radix", {}).get("demoted_tokens", {})
+    demoted = " ".join(f"{cause}[{' '.join(f'{k}:{v}' for k, v in moves.items())}]" for cause, moves in by_cause.items())
     evicted = evicted_total(stats)
-    return (f"[fade] tiers {tiers} | tokens={stats['tokens']} stored={stats['stored_bytes'] / 2**20:.2f}MiB "
-            f"ratio={stats['compression_ratio']:.2f}x | demoted {demoted}"
-            + (f" | evicted={evicted}" if evicted is not None else ""))
+    return (f"[fade] tiers {tiers} free={pages['free']}/{pages['total']}pg | tokens={stats['tokens']} "
+            f"stored={stats['stored_bytes'] / 2**20:.2f}MiB ratio={stats['compression_vs_16bit']:.2f}x vs 16-bit | "
+            f"demoted {demoted or 'none'}" + (f" | evicted={evicted}" if evicted is not None else "")
+            + f" | retracted={stats.get('retracted_requests', 0)}")
 
 
 class TierMetrics:
@@ -69,8 +74,8 @@ class TierMetrics:
 
         self.used = Gauge("fade_kv_tier_tokens", "Tokens held in each KV tier.", ["tier"],
                           multiprocess_mode="mostrecent")
-        self.capacity = Gauge("fade_kv_tier_capacity_tokens", "Token slots of each KV tier.", ["tier"],
-                              multiprocess_mode="mostrecent")
+        self.pages = Gauge("fade_kv_tier_pages", "Arena pages each KV tier owns.", ["tier"],
+                           multiprocess_mode="mostrecent")
         self.bytes = Gauge("fade_kv_tier_bytes", "Bytes of KV stored in each tier.", ["tier"],
                            multiprocess_mode="mostrecent")
         self.demoted = Gauge("fade_kv_demoted_tokens", "Tokens demoted so far, by path.", ["path"],
@@ -84,7 +89,7 @@ class TierMetrics:
     def update(self, stats: dict[str, Any]) -> None:
         for name, t in stats["tiers"].items():
             self.used.labels(tier=name).set(t["used"])
-            self.capacity.labels(tier=name).set(t["capacity"])
+            self.pages.labels(tier=name).set(t["pages"])
             self.bytes.labels(tier=name).set(t["used_bytes"])
         for path, n in stats["demoted_tokens"].items():
             self.demoted.labels(path=path).set(n)

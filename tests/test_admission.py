@@ -18,17 +18,20 @@ SINKS = 4
 
 @pytest.fixture
 def full_fp16() -> tuple[Sim, list[int], list[int]]:
-    """fp16 tier nearly full: an aged branch A (4 fp16 sinks + 16 packed), a running request B
-    (40 locked fp16 tokens), a fresh unlocked branch C (4 sinks + 6 demotable fp16 tokens)."""
-    sim = Sim(small_config(sink_tokens=SINKS, demote_chunk=1), size=400)  # fp16 tier: 60 slots
+    """Arena nearly full: an aged branch A (4 fp16 sinks + 16 packed), a fresh unlocked branch C
+    (4 sinks + 6 demotable fp16 tokens), a running request B (locked fp16 tokens: all but 6 of the
+    fp16 room left)."""
+    sim = Sim(small_config(sink_tokens=SINKS, demote_chunk=1))
     branch_a = list(range(100, 120))
     insert(sim, branch_a)
     sim.cache.demote_idle(LATER)
     assert tiers_of(sim, branch_a).count(Tier.FP16) == SINKS
-    assert sim.start(list(range(200, 240))) is not None  # B keeps running: its tokens are locked
     branch_c = list(range(300, 310))
     insert(sim, branch_c)
-    assert sim.alloc.fp16_available() == 60 - SINKS - 40 - 10
+    b_len = sim.alloc.fp16_available() - 6
+    assert 40 <= b_len < sim.rtp.max_context_len
+    assert sim.start(list(range(200, 200 + b_len))) is not None  # B keeps running: its tokens are locked
+    assert sim.alloc.fp16_available() == 6
     assert sim.cache.fp16_demotable_size() == 10 - SINKS
     assert sim.cache.fp16_evictable_size() == 2 * SINKS + 10 - SINKS
     return sim, branch_a, branch_c
@@ -87,16 +90,20 @@ def test_the_old_all_fp16_estimate_evicts_a_packed_branch_for_its_sinks(full_fp1
 
 
 def _req(finished: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(finished=lambda: finished, kv=SimpleNamespace(req_pool_idx=0))
+    return SimpleNamespace(finished=lambda: finished, origin_input_ids=[1] * 8,
+                           kv=SimpleNamespace(req_pool_idx=0, kv_committed_len=4))
 
 
 def test_scheduler_hook_counts_live_requests_but_not_the_chunked_prefill() -> None:
     decoding, just_prefilled, done, chunked = _req(), _req(), _req(finished=True), _req()
-    alloc = SimpleNamespace(running_requests=-1)
+    # Plenty of fp16 room and free pages: no pressure relief.
+    pool = SimpleNamespace(available=lambda tier: 1 << 20, fade_config=small_config(),
+                           page_table=SimpleNamespace(reserve_pages=1, free_pages=lambda: 100))
+    alloc = SimpleNamespace(running_requests=-1, get_kvcache=lambda: pool)
     state = FadeSchedulerState(small_config(demote_running=False), SimpleNamespace(tick=lambda *a: None))
     tree = SimpleNamespace(demote_idle=lambda now: 0)
     scheduler = SimpleNamespace(_fade_state=state, tree_cache=tree, token_to_kv_pool_allocator=alloc,
-                                chunked_req=chunked)
+                                chunked_req=chunked, chunked_prefill_size=None, waiting_queue=[])
     between_steps(scheduler, SimpleNamespace(reqs=[decoding, done]), SimpleNamespace(reqs=[just_prefilled, chunked]))
     assert alloc.running_requests == 2
     scheduler.chunked_req = None

@@ -24,17 +24,17 @@ if not torch.cuda.is_available():
 
 from fade_sglang.attention import attend, decode_attention_ref, extend_attention_ref
 from fade_sglang.config import FadeConfig
-from fade_sglang.pool.layout import Tier, split_token_budget
+from fade_sglang.pool.layout import Tier
 from fade_sglang.patches.pool import TieredKVPool
-from fade_sglang.pool.tiered_store import tier_bytes_per_token
 from fade_sglang.pool.view import gather_kv
 from fade_sglang.eval.synthetic import correlated_queries, synthetic_kv
 
-BUDGETS = {
-    "all": {"fp16": 0.5, "warm": 0.3, "cold": 0.2},
-    "no_cold": {"fp16": 0.5, "warm": 0.5, "cold": 0.0},
-    "no_warm": {"fp16": 0.5, "warm": 0.0, "cold": 0.5},
-    "fp16_only": {"fp16": 1.0, "warm": 0.0, "cold": 0.0},
+# tier_max_share per case: a share of 0 disables that packed tier.
+SHARES = {
+    "all": {"warm": 1.0, "cold": 1.0},
+    "no_cold": {"warm": 1.0, "cold": 0.0},
+    "no_warm": {"warm": 0.0, "cold": 1.0},
+    "fp16_only": {"warm": 0.0, "cold": 0.0},
 }
 
 
@@ -60,13 +60,12 @@ class Case:
         return self.pool.layer_view(0)
 
 
-def build_pool(num_tokens: int, head_dim: int, kv_heads: int, dtype: torch.dtype, budget: str = "all",
+def build_pool(num_tokens: int, head_dim: int, kv_heads: int, dtype: torch.dtype, shares: str = "all",
                **cfg: object) -> TieredKVPool:
-    config = FadeConfig(tier_budget=dict(BUDGETS[budget]), **cfg)
-    costs = tier_bytes_per_token(config, 1, kv_heads, head_dim, dtype)
-    size = num_tokens + 64
-    while split_token_budget(size, config.budget, costs)[0] < num_tokens + 16:  # room for every token in fp16
-        size *= 2
+    config = FadeConfig(tier_max_share=dict(SHARES[shares]), **cfg)
+    # Room for every token in fp16 and, as free pages, for the packed copies one demotion writes
+    # before it frees the fp16 rows it read (tiers share the arena's pages).
+    size = 2 * num_tokens + 64
     return TieredKVPool(size, 1, dtype, kv_heads, head_dim, 1, "cpu", False, fade_config=config)
 
 
@@ -81,10 +80,11 @@ def populate(pool: TieredKVPool, num_tokens: int, seed: int, warm: float, cold: 
     pool.set_kv_buffer(_Layer, slots, k.to(pool.dtype), v.to(pool.dtype))
     gen = torch.Generator().manual_seed(seed + 1)
     perm = torch.randperm(num_tokens, generator=gen)
-    n_warm = int(round(warm * num_tokens)) if pool.layout.warm_slots else 0
-    n_cold = int(round(cold * num_tokens)) if pool.layout.cold_slots else 0
+    warm_on, cold_on = pool.fade_config.warm_enabled, pool.fade_config.cold_enabled
+    n_warm = int(round(warm * num_tokens)) if warm_on else 0
+    n_cold = int(round(cold * num_tokens)) if cold_on else 0
     to_warm, to_cold = perm[:n_warm], perm[n_warm:n_warm + n_cold]
-    via_warm = to_cold[: len(to_cold) // 3] if pool.layout.warm_slots else to_cold[:0]
+    via_warm = to_cold[: len(to_cold) // 3] if warm_on else to_cold[:0]
     if len(to_warm) + len(via_warm):
         both = torch.cat((to_warm, via_warm))
         slots[both] = pool.demote(slots[both], Tier.WARM)
@@ -94,10 +94,10 @@ def populate(pool: TieredKVPool, num_tokens: int, seed: int, warm: float, cold: 
 
 
 def build_case(lens: list[int], head_dim: int = 64, kv_heads: int = 2, dtype: torch.dtype = torch.float32,
-               budget: str = "all", warm: float = 0.45, cold: float = 0.3, seed: int = 0, **cfg: object) -> Case:
+               shares: str = "all", warm: float = 0.45, cold: float = 0.3, seed: int = 0, **cfg: object) -> Case:
     """Requests of ``lens`` tokens over a shared pool; each request's kv_indices are shuffled (tiers mixed)."""
     n = sum(lens)
-    pool = build_pool(n, head_dim, kv_heads, dtype, budget, **cfg)
+    pool = build_pool(n, head_dim, kv_heads, dtype, shares, **cfg)
     k, v, slots = populate(pool, n, seed, warm, cold)
     gen = torch.Generator().manual_seed(seed + 2)
     tokens, start = [], 0
@@ -169,7 +169,7 @@ def test_attend_matches_dense_oracle_causal_gqa():
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_ref_fp16_tier_matches_original_kv(group, dtype):
-    case = build_case([1, 23, 0, 40], head_dim=64, dtype=dtype, budget="fp16_only", seed=group)
+    case = build_case([1, 23, 0, 40], head_dim=64, dtype=dtype, shares="fp16_only", seed=group)
     assert case.view.warm is None and case.view.cold is None
     q = request_queries(case, group)
     scale = 64 ** -0.5
@@ -205,9 +205,9 @@ def test_decode_ref_mixed_tiers(head_dim, group):
     assert rel_err(decode_attention_ref(q, case.view, case.kv_indptr, rev, scale), out) < 1e-6
 
 
-@pytest.mark.parametrize("budget", ["no_cold", "no_warm"])
-def test_decode_ref_with_an_empty_tier(budget):
-    case = build_case([30, 11], budget=budget, seed=3)
+@pytest.mark.parametrize("shares", ["no_cold", "no_warm"])
+def test_decode_ref_with_an_empty_tier(shares):
+    case = build_case([30, 11], shares=shares, seed=3)
     q = request_queries(case, 2)
     out = decode_attention_ref(q, case.view, case.kv_indptr, case.kv_indices, 0.125)
     assert rel_err(out, dense_decode(q.double(), case, 0.125, dequantized=True)) < 1e-5
@@ -238,7 +238,7 @@ def dense_extend(q, kn, vn, qo, case: Case, sm_scale: float, dequantized: bool) 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_extend_ref_fp16_prefix_matches_original_kv(group):
-    case = build_case([0, 17, 5], budget="fp16_only", seed=11)
+    case = build_case([0, 17, 5], shares="fp16_only", seed=11)
     q, kn, vn, qo = _extend_inputs(case, [6, 1, 9], group)
     out = extend_attention_ref(q, kn, vn, case.view, qo, case.kv_indptr, case.kv_indices, 0.125)
     assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.125, dequantized=False)) < 1e-5

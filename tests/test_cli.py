@@ -83,7 +83,7 @@ def test_overrides_compose_in_order(server_args_cls, parser) -> None:
     cfg = cli.fade_config_from_server_args(sa)
     base = FadeConfig.from_preset("aggressive")
     assert (cfg.sink_tokens, cfg.recent_window, cfg.warm_idle_seconds) == (4, 48, 2.5)
-    assert cfg.tier_budget == base.tier_budget and cfg.cold_idle_seconds == base.cold_idle_seconds
+    assert cfg.tier_max_share == base.tier_max_share and cfg.cold_idle_seconds == base.cold_idle_seconds
 
 
 def test_fade_config_json_inline_and_file(server_args_cls, parser, tmp_path: Path) -> None:

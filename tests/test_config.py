@@ -13,7 +13,9 @@ def test_presets_are_valid_and_ordered_by_aggressiveness() -> None:
     safe, balanced, aggressive = (FadeConfig.from_preset(p) for p in ("safe", "balanced", "aggressive"))
     assert not safe.cold_enabled and balanced.cold_enabled and aggressive.cold_enabled
     assert safe.recent_window >= balanced.recent_window >= aggressive.recent_window
-    assert safe.budget[0] >= aggressive.budget[0]
+    assert safe.warm_enabled and safe.compresses
+    assert safe.max_shares[2] <= balanced.max_shares[2] <= aggressive.max_shares[2]
+    assert all(c.max_shares[0] == 1.0 for c in (safe, balanced, aggressive))  # fp16 may always use the whole arena
     assert set(PRESETS) == {"safe", "balanced", "aggressive"}
 
 
@@ -22,9 +24,13 @@ def test_presets_are_valid_and_ordered_by_aggressiveness() -> None:
     ({"warm_bits": 3}, "warm_bits must be one of"),
     ({"cold_bits": 8}, "must not exceed warm_bits"),
     ({"warm_group_size": 48}, "power of two"),
-    ({"tier_budget": {"fp16": 0.5}}, "must sum to 1"),
-    ({"tier_budget": {"fp16": 0.0, "warm": 1.0}}, "new tokens always land in fp16"),
-    ({"tier_budget": {"fp16": 0.5, "hot": 0.5}}, "unknown tiers"),
+    ({"tier_max_share": {"warm": 1.5}}, r"tier_max_share \[warm\] must be a number in \[0, 1\]"),
+    ({"tier_max_share": {"cold": -0.1}}, r"tier_max_share \[cold\] must be a number in \[0, 1\]"),
+    ({"tier_max_share": {"warm": True}}, r"\[warm\] must be a number"),
+    ({"tier_max_share": {"fp16": 0.5}}, "unknown tiers"),  # fp16 is never capped
+    ({"tier_max_share": {"warm": 0.5, "hot": 0.5}}, "unknown tiers"),
+    ({"tier_max_share": [0.5, 0.5]}, "tier_max_share must be a mapping"),
+    ({"tier_budget": {"fp16": 0.5, "warm": 0.5}}, "tier_budget was removed: .*tier_max_share"),
     ({"rotation": "maybe"}, "rotation cannot be 'maybe'"),
     ({"sink_tokens": "x"}, "sink_tokens cannot be 'x'"),
     ({"no_such_knob": 1}, "unknown knob 'no_such_knob'"),
@@ -55,7 +61,15 @@ def test_json_inline_file_and_errors(tmp_path) -> None:
 
 def test_cli_strings_are_parsed_and_roundtrip() -> None:
     cfg = FadeConfig.from_preset("balanced").with_overrides(
-        {"recent-window": "64", "rotation": "off", "tier_budget": '{"fp16": 0.5, "warm": 0.5}'})
+        {"recent-window": "64", "rotation": "off", "tier_max_share": '{"warm": 0.5, "cold": 0}'})
     assert cfg.recent_window == 64 and cfg.rotation is False and not cfg.cold_enabled
+    assert cfg.max_shares == (1.0, 0.5, 0.0) and cfg.warm_enabled and cfg.compresses
     assert cfg.preset == "custom"
     assert FadeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_zero_shares_turn_compression_off() -> None:
+    off = FadeConfig.from_preset("balanced").with_overrides({"tier_max_share": {"warm": 0.0, "cold": 0.0}})
+    assert not off.compresses and not off.warm_enabled and not off.cold_enabled
+    only_cold = FadeConfig.from_preset("balanced").with_overrides({"tier_max_share": {"warm": 0, "cold": 0.25}})
+    assert only_cold.compresses and not only_cold.warm_enabled and only_cold.max_shares == (1.0, 0.0, 0.25)

@@ -76,7 +76,9 @@ class World:
     def __init__(self, drop_packed: bool = False, seed: int = 0):
         from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-        cfg = FadeConfig(tier_budget={"fp16": 0.5, "warm": 0.3, "cold": 0.2}, evict_instead_of_demote=drop_packed)
+        # Default tier_max_share: INT4 and INT2 share the arena with fp16 (this used a fixed 50/30/20% byte split,
+        # tier_budget, before). drop_packed is the eviction baseline: packed tokens are dropped from attention.
+        cfg = FadeConfig(evict_instead_of_demote=drop_packed)
         # strict=False: the pool's GPU default (strict write checks sync the host).
         self.pool = TieredKVPool(2400, 1, torch.float32, KV_HEADS, DIM, LAYERS, "cpu", False, fade_config=cfg,
                                  strict=False)

@@ -98,7 +98,7 @@ def test_partition_by_tier_stable_with_padding_and_empty_requests():
 
 @pytest.mark.parametrize("dtype,group,head_dim", [(torch.float32, 4, 64), (torch.float16, 8, 128)])
 def test_decode_fp16_only_matches_dense_attention_of_original_kv(dtype, group, head_dim):
-    case = build_case([1, 37, 0, 20], head_dim=head_dim, dtype=dtype, budget="fp16_only", seed=1)
+    case = build_case([1, 37, 0, 20], head_dim=head_dim, dtype=dtype, shares="fp16_only", seed=1)
     q = request_queries(case, group).to(dtype)
     scale = head_dim ** -0.5
     out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, scale, num_kv_splits=2)
@@ -125,10 +125,10 @@ def test_decode_mixed_tiers_shuffled(head_dim, group, dtype, splits):
     assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
-@pytest.mark.parametrize("budget", ["no_cold", "no_warm"])
-def test_decode_with_an_empty_tier(budget):
-    case = build_case([33, 9], dtype=torch.float16, budget=budget, seed=4)
-    assert (case.view.cold is None) == (budget == "no_cold") and (case.view.warm is None) == (budget == "no_warm")
+@pytest.mark.parametrize("shares", ["no_cold", "no_warm"])
+def test_decode_with_an_empty_tier(shares):
+    case = build_case([33, 9], dtype=torch.float16, shares=shares, seed=4)
+    assert (case.view.cold is None) == (shares == "no_cold") and (case.view.warm is None) == (shares == "no_warm")
     q = request_queries(case, 4).half()
     out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, 0.125, num_kv_splits=2)
     assert rel_err(out, dense_decode(q.double(), case, 0.125, dequantized=True)) < TOL[torch.float16]
@@ -171,7 +171,7 @@ def test_extend_over_mixed_prefix(head_dim, group, dtype):
 
 
 def test_extend_fp16_prefix_direct_path():
-    case = build_case([0, 17, 6], budget="fp16_only", seed=23)
+    case = build_case([0, 17, 6], shares="fp16_only", seed=23)
     q, kn, vn, qo = _extend_inputs(case, [70, 1, 5], 1)  # MHA: 64 tokens per block, 70 spans two
     out = K.extend_attention(q, kn, vn, case.view, qo, case.kv_indptr, case.kv_indices, 0.125, max_extend_len=70)
     assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.125, dequantized=False)) < TOL[torch.float32]
@@ -191,7 +191,7 @@ def test_quantize_bit_exact_vs_torch(bits, group, head_dim, src_dtype):
 
 def test_quantize_rows_fused_rotation_matches_pool_demotion():
     """All layers in one launch from fp16 pool slots, rotation + key centering fused, vs the pool's torch path."""
-    cfg = FadeConfig(clip_search=False, tier_budget={"fp16": 0.5, "warm": 0.3, "cold": 0.2})
+    cfg = FadeConfig(clip_search=False)  # INT4 and INT2 on; the tiers share the arena
     pool = TieredKVPool(2000, 1, torch.float16, 2, 64, 3, "cpu", False, fade_config=cfg)
     n = 40
     slots = pool.alloc(n)

@@ -84,7 +84,7 @@ def test_decode_mixed_tiers(head_dim, dtype):
 def test_decode_padded_fp16_only_and_unrotated(head_dim):
     """fp16-only slots vs the original K/V, and packed tiers (INT8 warm here) without rotation (the epilogue's
     plain path)."""
-    case = build_case([9, 17], head_dim=head_dim, budget="fp16_only", seed=3)
+    case = build_case([9, 17], head_dim=head_dim, shares="fp16_only", seed=3)
     q = request_queries(case, GQA)
     out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, 0.1, num_kv_splits=3)
     assert rel_err(out, dense_decode(q.double(), case, 0.1, dequantized=False)) < TOL[torch.float32]
@@ -109,7 +109,7 @@ def test_extend_over_mixed_prefix(head_dim, dtype):
 @pytest.mark.parametrize("head_dim", [80, 96])
 def test_extend_padded_fp16_prefix_direct_path(head_dim):
     """No packed tier: the extend kernel writes the output itself (masked past D)."""
-    case = build_case([0, 7, 5], head_dim=head_dim, budget="fp16_only", seed=5)
+    case = build_case([0, 7, 5], head_dim=head_dim, shares="fp16_only", seed=5)
     q, kn, vn, qo = _extend_inputs(case, [18, 1, 3], GQA)  # 16 tokens per block at GQA 4: 18 spans two
     out = K.extend_attention(q, kn, vn, case.view, qo, case.kv_indptr, case.kv_indices, 0.125)
     assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.125, dequantized=False)) < TOL[torch.float32]
@@ -142,7 +142,7 @@ def test_quantize_clip_search_matches_torch_choice(head_dim):
 def test_quantize_rows_fused_rotation_matches_pool_demotion(head_dim):
     """All layers in one launch from fp16 pool slots, dense rotation + key centering fused, vs the pool's
     torch path, into the INT4 and the INT2 store (groups 16 / 16 at 80, 32 / 32 at 96)."""
-    cfg = FadeConfig(clip_search=False, tier_budget={"fp16": 0.5, "warm": 0.3, "cold": 0.2})
+    cfg = FadeConfig(clip_search=False)  # INT4 and INT2 on; the tiers share the arena
     pool = TieredKVPool(600, 1, torch.float16, 2, head_dim, 2, "cpu", False, fade_config=cfg)
     n = 12
     slots = pool.alloc(2 * n)

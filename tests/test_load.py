@@ -1,8 +1,9 @@
 """Bounded load test of one fade server (127.0.0.1): 64 concurrent multi-turn sessions plus aborted requests.
 
 Checks: no crash, no failed request except the aborted ones, tier counts consistent
-while busy (tier used counts sum to ``tokens``), and no slot leak (after
-``/flush_cache`` every tier's free count is back to its initial value). The
+while busy (tier used counts sum to ``tokens``, the tiers' arena pages plus the free ones
+are all pages, each tier's tokens fit its pages), and no slot leak (after ``/flush_cache``
+every tier's available count and the free pages are back to their initial values). The
 server runs with ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1``, so SGLang
 also checks its token accounting after every scheduler step.
 
@@ -36,7 +37,12 @@ FADE_ARGS = [
     "--fade-sink-tokens", "4", "--fade-recent-window", "16", "--fade-set", "demote_chunk=16",
     "--fade-set", "warm_idle_seconds=0.5", "--fade-set", "cold_idle_seconds=2",
 ]
-MAX_TOTAL_TOKENS = 131072  # ~37 MiB of tiers; the fp16 tier (~3.7K slots) holds every in-flight window
+# ~37 MiB of KV (full-precision tokens of the same bytes), as when this test ran on a fixed tier split;
+# fp16 may use all of it, so it holds every in-flight window.
+MAX_TOTAL_TOKENS = 18944
+# Long enough that the abort (sent after 1 s) lands first (the tiny model decodes ~500 tokens/s), within
+# its 2048-token context.
+API_ABORT_TOKENS = 1900
 STRICT_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
 STREAM_ABORTS = 16  # streaming requests closed by the client after a few chunks
 API_ABORTS = 8  # requests cancelled with POST /abort_request
@@ -51,10 +57,12 @@ def server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
 
 
 def _check_consistent(stats: dict[str, Any]) -> None:
-    tiers = stats["tiers"]
+    tiers, pages = stats["tiers"], stats["pages"]
     assert sum(t["used"] for t in tiers.values()) == stats["tokens"]
+    assert sum(t["pages"] for t in tiers.values()) + pages["free"] == pages["total"]
     for name, t in tiers.items():
-        assert t["used"] + t["free"] == t["capacity"], name
+        assert t["used"] <= t["pages"] * pages["rows_per_page"][name], name  # live rows fit the tier's pages
+        assert t["page_bytes"] == t["pages"] * pages["page_bytes"], name
 
 
 def _api_abort(srv: ServerProcess, ids: list[int], results: list[dict[str, Any]]) -> None:
@@ -63,7 +71,7 @@ def _api_abort(srv: ServerProcess, ids: list[int], results: list[dict[str, Any]]
     out: dict[str, Any] = {}
 
     def run() -> None:
-        out.update(stream_generate(srv.base_url, ids, 512, extra={"rid": rid}).__dict__)
+        out.update(stream_generate(srv.base_url, ids, API_ABORT_TOKENS, extra={"rid": rid}).__dict__)
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
@@ -122,7 +130,7 @@ def test_many_sessions_with_aborts_no_leak(server: ServerProcess, tiny_model_dir
     assert len(api_aborts) == API_ABORTS
     for res in api_aborts:  # ended by the abort: fewer tokens than asked, an "abort" finish reason
         assert res["error"] is None, res["error"]
-        assert len(res["output_ids"]) < 512 and res["meta_info"]["finish_reason"]["type"] == "abort"
+        assert len(res["output_ids"]) < API_ABORT_TOKENS and res["meta_info"]["finish_reason"]["type"] == "abort"
 
     assert busy_stats, "no stats sampled while busy"
     for stats in busy_stats:
@@ -139,7 +147,8 @@ def test_many_sessions_with_aborts_no_leak(server: ServerProcess, tiny_model_dir
     final = server.fade_stats()
     _check_consistent(final)
     for name, tier in final["tiers"].items():
-        assert tier["used"] == 0 and tier["free"] == initial["tiers"][name]["free"], (name, tier)
+        assert tier["used"] == 0 and tier["available"] == initial["tiers"][name]["available"], (name, tier)
+    assert final["pages"]["free"] == initial["pages"]["free"]
     log = server.log_text()
     for bad in ("Traceback", "Mem Leak", "memory leak", "token_to_kv_pool_allocator memory leak"):
         assert bad not in log, bad

@@ -13,6 +13,7 @@ from fade_sglang.config import FadeConfig
 from fade_sglang.pool import PoolExhaustedError, SlotError, Tier, TierLayout
 from fade_sglang.patches.pool import TieredKVPool
 from fade_sglang.eval.synthetic import synthetic_kv
+from pool_checks import check_pool_accounting, physical_pages
 
 LAYERS, HEADS, DIM = 2, 2, 64
 
@@ -43,16 +44,96 @@ def test_layout_tier_is_a_function_of_the_index() -> None:
     assert (lay.warm_base, lay.cold_base, lay.end, lay.total_slots) == (11, 31, 36, 35)
 
 
-def test_byte_budget_buys_more_tokens_when_more_is_packed() -> None:
-    sizes = {}
+def test_pool_has_the_bytes_of_a_plain_pool_and_more_tokens_when_packed() -> None:
+    """``size`` is the fp16 tokens of a plain pool of the same bytes: every preset's arena holds ``size``
+    fp16 tokens (whole pages plus, when packing is on, one reserve page) and nothing is split off at
+    start-up; packed tiers only raise the most tokens the same bytes can hold."""
+    plain_bytes = (4000 + 1) * 2 * LAYERS * HEADS * DIM * 4  # SGLang's MHA pool: padding row + 4000, fp32
+    capacity = {}
     for preset in ("safe", "balanced", "aggressive"):
-        pool = make_pool(preset=preset)
-        # Same byte budget for every preset: total_bytes = size * effective bytes/token.
-        byte_budget = 4000 * pool.effective_bytes_per_token()
-        held = sum(pool.layout.capacity(t) * pool.tier_bytes[t] for t in Tier)
-        assert held <= byte_budget + max(pool.tier_bytes)
-        sizes[preset] = pool.tier_bytes[Tier.FP16] / pool.effective_bytes_per_token()
-    assert 1 < sizes["safe"] < sizes["balanced"] < sizes["aggressive"]
+        pool = make_pool(size=4000, preset=preset)
+        page = 2 * LAYERS * pool.geometry.page_bytes
+        assert plain_bytes <= pool.arena_nbytes() <= plain_bytes + 2 * page
+        assert pool.available(Tier.FP16) >= 4000  # a fresh pool takes `size` fp16 tokens, whatever the preset
+        stats = pool.tier_stats()
+        assert stats["arena_bytes"] == pool.arena_nbytes()
+        capacity[preset] = stats["capacity_tokens"]
+        assert capacity[preset] > stats["fp16_capacity_tokens"] >= 4000
+    assert capacity["safe"] < capacity["balanced"] == capacity["aggressive"]  # INT2 packs denser than INT4
+    off = make_pool(size=4000, tier_max_share={"warm": 0.0, "cold": 0.0})
+    assert not off.stores and off.available(Tier.WARM) == off.available(Tier.COLD) == 0
+    assert off.tier_stats()["capacity_tokens"] == off.available(Tier.FP16)  # no reserve page: all fp16
+    assert off.arena_nbytes() <= plain_bytes + 2 * LAYERS * off.geometry.page_bytes
+
+
+def test_fp16_fills_the_arena_but_the_reserve_page() -> None:
+    """fp16 may own every page except one reserve page that only packed tiers claim (demotion needs room
+    to write before it frees fp16 rows); once fp16 is full, the packed tiers have just that page."""
+    pool = make_pool(size=300)
+    rpp = pool.geometry.rows_per_page
+    n = pool.available(Tier.FP16)
+    assert n >= 300 and n == (pool.pages - 1) * rpp[Tier.FP16] - 1  # all pages but the reserve, less padding
+    slots = pool.alloc(n)
+    assert pool.available(Tier.FP16) == 0 and pool.try_alloc(1) is None
+    assert pool.available(Tier.WARM) == rpp[Tier.WARM] and pool.available(Tier.COLD) == rpp[Tier.COLD]
+    warm = pool.alloc(rpp[Tier.WARM], Tier.WARM)  # the reserve page, whole
+    assert pool.available(Tier.WARM) == pool.available(Tier.COLD) == 0
+    check_pool_accounting(pool, torch.cat((slots, warm)))
+    pool.free(warm)  # empty again: back on the free list, for either packed tier
+    assert pool.available(Tier.COLD) == rpp[Tier.COLD] and pool.available(Tier.FP16) == 0
+    # Demotion writes into the reserve page first, then frees the fp16 rows it read: whole fp16 pages
+    # among them go back to the free list, and fp16 may take all of them but one (the new reserve).
+    write_tokens(pool, slots)
+    moved = pool.demote(slots[1:rpp[Tier.WARM] + 1], Tier.WARM)
+    assert (pool.tier_of(moved) == Tier.WARM).all()
+    held = torch.cat((slots[:1], moved, slots[rpp[Tier.WARM] + 1:]))
+    check_pool_accounting(pool, held)
+    free_pages = pool.page_table.free_pages()
+    assert free_pages >= 2 and pool.available(Tier.COLD) == free_pages * rpp[Tier.COLD]
+    fp16_free_rows = pool.page_table.owned[Tier.FP16] * rpp[Tier.FP16] - 1 - pool.used(Tier.FP16)
+    assert pool.available(Tier.FP16) == (free_pages - 1) * rpp[Tier.FP16] + fp16_free_rows
+
+
+def test_freeing_a_whole_page_returns_it_to_any_tier() -> None:
+    pool = make_pool(size=300)
+    rpp = pool.geometry.rows_per_page
+    slots = pool.alloc(pool.available(Tier.FP16))
+    page_of = physical_pages(pool, slots, Tier.FP16)
+    target = int(page_of[-1]) - 1  # a full page that is not page 0 (the padding slot pins page 0)
+    on_page = slots[page_of == target]
+    assert on_page.numel() == rpp[Tier.FP16]
+    pool.free(on_page[:-1])  # a partly free page stays fp16's
+    assert pool.page_table.free_pages() == 1 and pool.page_table.owner[target] == Tier.FP16
+    assert pool.available(Tier.FP16) == rpp[Tier.FP16] - 1
+    pool.free(on_page[-1:])  # its last row: the page is free for any tier
+    assert pool.page_table.free_pages() == 2 and pool.page_table.owner[target] == pool.page_table.FREE
+    assert pool.available(Tier.WARM) == 2 * rpp[Tier.WARM]
+    warm = pool.alloc(rpp[Tier.WARM] + 1, Tier.WARM)  # a page and a row: the freed page is the lower one
+    warm_pages = set(physical_pages(pool, warm, Tier.WARM).tolist())
+    assert target in warm_pages and len(warm_pages) == 2
+    assert pool.available(Tier.FP16) == 0  # the free rows left are warm's
+    held = torch.cat((slots[page_of != target], warm))
+    check_pool_accounting(pool, held)
+    pool.free(held)
+    assert pool.page_table.free_pages() == pool.pages - 1  # all but page 0
+    assert pool.available(Tier.FP16) == (pool.pages - 1) * rpp[Tier.FP16] - 1
+
+
+def test_a_capped_tier_claims_no_more_pages_than_its_share() -> None:
+    pool = make_pool(size=400, tier_max_share={"warm": 0.25, "cold": 0.0})
+    rpp = pool.geometry.rows_per_page
+    cap = int(pool.pages * 0.25)
+    assert cap >= 1 and pool.page_table.free_pages() > cap  # room in the arena, not in warm's share
+    assert pool.available(Tier.WARM) == cap * rpp[Tier.WARM]
+    warm = pool.alloc(cap * rpp[Tier.WARM], Tier.WARM)
+    assert pool.available(Tier.WARM) == 0 and pool.try_alloc(1, Tier.WARM) is None
+    with pytest.raises(PoolExhaustedError, match="warm tier exhausted"):
+        pool.alloc(1, Tier.WARM)
+    assert pool.page_table.owned[Tier.WARM] == cap
+    assert pool.available(Tier.FP16) > 0  # the rest of the arena is still fp16's
+    pool.free(warm[:rpp[Tier.WARM]])  # one page back: warm may claim one page again
+    assert pool.available(Tier.WARM) == rpp[Tier.WARM]
+    check_pool_accounting(pool, warm[rpp[Tier.WARM]:])
 
 
 def test_demote_and_read_back_within_tier_tolerance() -> None:
@@ -91,15 +172,18 @@ def test_write_into_packed_slot_quantizes_on_write() -> None:
 
 
 def test_demote_is_atomic_and_rejects_bad_requests() -> None:
-    pool = make_pool(size=400, tier_budget={"fp16": 0.8, "warm": 0.1, "cold": 0.1})
+    pool = make_pool(size=400, tier_max_share={"warm": 0.1, "cold": 0.1})  # warm may own 10% of the pages
     assert pool.available(Tier.WARM) < pool.available(Tier.FP16)
     free_before = [pool.available(t) for t in Tier]
     slots = pool.alloc(min(pool.available(Tier.FP16), pool.available(Tier.WARM) + 5))
     write_tokens(pool, slots)
+    pages_before = (list(pool.page_table.owner), pool.page_table.live.clone())
     with pytest.raises(PoolExhaustedError, match="tier exhausted"):
         pool.demote(slots, Tier.WARM)
     assert pool.available(Tier.WARM) == free_before[Tier.WARM]  # nothing half-done
     assert pool.available(Tier.FP16) == free_before[Tier.FP16] - slots.numel()
+    assert pool.page_table.owner == pages_before[0] and torch.equal(pool.page_table.live, pages_before[1])
+    check_pool_accounting(pool, slots)
     with pytest.raises(SlotError, match="cannot demote to the fp16 tier"):
         pool.demote(slots[:2], Tier.FP16)
     with pytest.raises(SlotError, match="unknown tier 7"):
@@ -151,8 +235,12 @@ def test_storage_bytes_are_exact() -> None:
     cold_bytes = 2 * LAYERS * HEADS * (DIM // 4 + 4 * (DIM // 32))
     assert pool.tier_bytes == (fp16_bytes, warm_bytes, cold_bytes)
     k_bytes, v_bytes = pool.get_kv_size_bytes()
-    packed = sum(s.nbytes for s in pool.stores.values())
-    assert k_bytes + v_bytes == packed + 2 * LAYERS * (pool.layout.fp16_slots + 1) * HEADS * DIM * 4
+    # One arena: the fp16 buffers and the packed stores are views of it, so its bytes are all there is.
+    assert k_bytes + v_bytes == pool.arena_nbytes() == pool.arena.nbytes
+    assert pool.arena_nbytes() == LAYERS * 2 * pool.pages * pool.geometry.page_bytes
+    base = pool.arena.untyped_storage().data_ptr()
+    views = [pool.k_buffer[0], pool.v_buffer[-1], *(t for s in pool.stores.values() for t in (s.data, s.scale, s.zero))]
+    assert all(v.untyped_storage().data_ptr() == base for v in views)
 
 
 ops = st.lists(st.tuples(st.sampled_from(["alloc", "free", "warm", "cold"]), st.integers(1, 40), st.integers(0, 10**6)),
@@ -162,8 +250,8 @@ ops = st.lists(st.tuples(st.sampled_from(["alloc", "free", "warm", "cold"]), st.
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops)
 def test_random_sequences_conserve_slots(sequence) -> None:
-    pool = make_pool(size=1500)
-    capacity = [pool.layout.capacity(t) for t in Tier]
+    pool = make_pool(size=400, tier_max_share={"warm": 0.5, "cold": 0.5})  # small: pages fill, caps bind
+    fresh = [pool.available(t) for t in Tier]
     live: list[int] = []  # slots we own, any tier
     for op, n, pick in sequence:
         if op == "alloc":
@@ -183,12 +271,10 @@ def test_random_sequences_conserve_slots(sequence) -> None:
                     continue  # full tier, or a promotion request: rejected without changes
                 live[start:start + n] = new.tolist()
         assert len(set(live)) == len(live)  # every slot owned once
-        tiers = pool.tier_of(torch.tensor(live, dtype=torch.int64)).tolist() if live else []
-        for t in Tier:
-            assert pool.used(t) == tiers.count(int(t))
-            assert pool.used(t) + pool.available(t) == capacity[t]
+        check_pool_accounting(pool, torch.tensor(live, dtype=torch.int64))
     pool.free(torch.tensor(live, dtype=torch.int64))
-    assert [pool.available(t) for t in Tier] == capacity
+    assert [pool.available(t) for t in Tier] == fresh  # every page back on the free list
+    assert pool.page_table.free_pages() == pool.pages - 1
 
 
 @pytest.mark.triton

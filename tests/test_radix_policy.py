@@ -106,9 +106,20 @@ def fill_cache(sim: Sim, count: int, length: int = 12) -> list[list[int]]:
     return seqs
 
 
+def occupy_fp16_but(sim: Sim, keep: int) -> None:
+    """A running request holds every free fp16 slot but ``keep`` (locked, outside the tree: neither
+    demoted nor evicted), so the rest of a test sees an fp16 room of exactly ``keep`` tokens."""
+    n = sim.alloc.fp16_available() - keep
+    assert 0 <= n < sim.rtp.max_context_len
+    if n:
+        assert sim.start(list(range(20_000, 20_000 + n))) is not None
+    assert sim.alloc.fp16_available() == keep
+
+
 def test_demote_before_evict() -> None:
-    sim = Sim(small_config(sink_tokens=0, demote_chunk=1), size=400)  # fp16 60, warm 178, cold 160
-    seqs = fill_cache(sim, 5)  # 60 fp16 tokens: the fp16 tier is full
+    sim = Sim(small_config(sink_tokens=0, demote_chunk=1))
+    occupy_fp16_but(sim, 60)
+    seqs = fill_cache(sim, 5)  # 60 fp16 tokens: the arena has no fp16 room left
     assert sim.alloc.fp16_available() == 0
     res = sim.cache.evict(EvictParams(num_tokens=20))
     assert res.num_tokens_evicted == 20 and sim.alloc.fp16_available() == 20
@@ -122,9 +133,10 @@ def test_demote_before_evict() -> None:
 
 
 def test_pressure_demotes_shared_prefixes_instead_of_evicting() -> None:
-    """A fp16 tier full of shared system prompts: pressure demotes them (unshared tails first),
+    """An arena full of shared system prompts: pressure demotes them (unshared tails first),
     it never evicts while the warm tier has room (evicting packed leaves frees no fp16 slot)."""
-    sim = Sim(small_config(sink_tokens=0, demote_chunk=1), size=400)  # fp16 60, warm 178
+    sim = Sim(small_config(sink_tokens=0, demote_chunk=1))
+    occupy_fp16_but(sim, 60)
     groups = []
     for g in range(2):
         system = [3000 + 100 * g + j for j in range(24)]
@@ -133,30 +145,41 @@ def test_pressure_demotes_shared_prefixes_instead_of_evicting() -> None:
         groups.append(system)
     assert sim.alloc.fp16_available() == 0
     res = sim.cache.evict(EvictParams(num_tokens=40))
-    assert res.num_tokens_evicted == 40 and sim.alloc.fp16_available() == 40
+    assert res.num_tokens_evicted == 40  # 40 fp16 rows freed by demotion...
     stats = sim.cache.tier_stats()
-    assert stats["evicted_tokens"] == {} and sim.cache.total_size() == 60
-    # 12 unshared tail tokens went first, then the coldest shared prefix (the first group) whole.
     assert stats["demoted_tokens"]["evict"] == {"fp16->warm": 40}
+    # 12 unshared tail tokens went first, then the coldest shared prefix (the first group) whole.
     assert tiers_of(sim, groups[0] + [1, 2, 3]) == [Tier.WARM] * 27
     assert tiers_of(sim, groups[1] + [4, 5, 6]).count(Tier.FP16) == 20
+    # ... but their INT4 records took the packed tiers' spare page, so the fp16 room gained is smaller;
+    # the allocator measures it and asks again until 40 are free, still without evicting anything.
+    assert sim.alloc.fp16_available() < 40
+    assert sim.alloc.evict_to_free_tokens(sim.cache, 40) and sim.alloc.fp16_available() >= 40
+    stats = sim.cache.tier_stats()
+    assert stats["evicted_tokens"] == {} and sim.cache.total_size() == 60
     sim.check()
 
 
 def test_warm_full_cascades_to_cold_then_evicts_lowest_tier() -> None:
-    sim = Sim(small_config(sink_tokens=0, demote_chunk=1), size=400)
-    cap = {t: sim.pool.layout.capacity(t) for t in Tier}
-    total = cap[Tier.FP16] + cap[Tier.WARM] + cap[Tier.COLD]
-    seqs = []
-    while sum(sim.pool.used(t) for t in Tier) + 12 <= total:  # fill every tier through demote-on-alloc
+    """Warm and cold may each own half the arena's pages (small_config): inserting until the first
+    eviction fills fp16, then warm (demote-on-alloc), then cascades warm -> cold; only then evict."""
+    sim = Sim(small_config(sink_tokens=0, demote_chunk=1))
+    seqs: list[list[int]] = []
+    while True:
+        room = {t: sim.pool.available(t) for t in Tier}  # before the insert that first evicts
         seqs += fill_cache_from(sim, len(seqs))
+        if sim.cache.tier_stats()["evicted_tokens"]:
+            break
+        assert len(seqs) < 1000
     stats = sim.cache.tier_stats()
-    assert stats["evicted_tokens"] == {}, "eviction happened before demotion was exhausted"
     assert stats["demoted_tokens"]["evict"].get("warm->cold", 0) > 0, "warm tier never cascaded to cold"
-    assert sim.pool.available(Tier.WARM) < 12 and sim.pool.available(Tier.COLD) < 12
-    # Now the next request must evict: the victims are the cold (oldest) leaves.
-    fill_cache_from(sim, len(seqs))
-    evicted = sim.cache.tier_stats()["evicted_tokens"]
+    assert room[Tier.FP16] < 12 and room[Tier.WARM] < 12 and room[Tier.COLD] < 12, \
+        f"evicted while demotion still had room: {room}"
+    table = sim.pool.page_table
+    assert table.owned[Tier.WARM] == table.max_pages[Tier.WARM]  # warm grew to its cap
+    assert table.owned[Tier.COLD] >= 1 and table.free_pages() <= table.reserve_pages
+    # The victims are the cold (oldest) leaves.
+    evicted = stats["evicted_tokens"]
     assert evicted.get("cold", 0) > 0 and evicted.get("fp16", 0) == 0
     sim.check()
 
@@ -169,12 +192,14 @@ def fill_cache_from(sim: Sim, i: int) -> list[list[int]]:
 
 def test_eviction_off_never_drops_cached_tokens() -> None:
     sim = Sim(small_config(sink_tokens=0, demote_chunk=1, eviction=False,
-                           tier_budget={"fp16": 0.6, "warm": 0.4, "cold": 0.0}), size=200)
-    for i in range(40):
+                           tier_max_share={"warm": 1.0, "cold": 0.0}), size=35)  # 3 pages, no cold tier
+    for i in range(60):
         req = sim.start([7000 + 50 * i + j for j in range(12)])
         if req is None:
             break
         sim.release(req, cache_it=True)
+    else:
+        raise AssertionError("the arena never filled up")
     assert sim.pool.available(Tier.WARM) < 12  # ran out of room
     before = sim.cache.total_size()
     res = sim.cache.evict(EvictParams(num_tokens=50))
@@ -214,7 +239,8 @@ def test_demote_running_rewrites_row_and_exclusive_nodes_only() -> None:
 
 
 def test_evict_result_and_size_bookkeeping() -> None:
-    sim = Sim(small_config(sink_tokens=0, eviction=True, tier_budget={"fp16": 0.6, "warm": 0.4, "cold": 0.0}), size=120)
+    sim = Sim(small_config(sink_tokens=0, eviction=True, tier_max_share={"warm": 1.0, "cold": 0.0}), size=35)
+    fresh = sim.alloc.fp16_available()
     fill_cache(sim, 3, length=10)
     held = sim.cache.total_size()
     fp16_held = sim.cache.tier_token_counts()["fp16"]
@@ -222,7 +248,8 @@ def test_evict_result_and_size_bookkeeping() -> None:
     res = sim.cache.evict(EvictParams(num_tokens=10_000))  # more than exists: demote all, then evict all
     assert sim.cache.total_size() == 0 and sim.cache.evictable_size() == 0
     assert res.num_tokens_evicted == fp16_held  # fp16 slots handed back, however they were freed
-    assert sim.alloc.fp16_available() == sim.pool.layout.capacity(Tier.FP16)
+    assert sim.alloc.fp16_available() == fresh  # every page back on the free list
+    assert sim.pool.page_table.free_pages() == sim.pool.pages - 1  # all but page 0 (the padding slot)
     sim.check()
 
 

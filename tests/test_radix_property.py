@@ -29,6 +29,7 @@ from fade_sglang.patches.pool import TieredKVPool
 from fade_sglang.patches.allocator import FadeTokenAllocator
 from fade_sglang.patches.radix_cache import TieredRadixCache
 from fade_sglang.eval.synthetic import synthetic_kv
+from pool_checks import check_pool_accounting
 
 HEADS, DIM, LAYERS = 2, 64, 2
 TABLE = 1024  # distinct synthetic KV rows; a token's KV row is picked by a hash of its prefix
@@ -38,7 +39,7 @@ TOL = {Tier.FP16: 0.0, Tier.WARM: 0.15, Tier.COLD: 0.6}  # max per-token relativ
 def small_config(**kw: Any) -> FadeConfig:
     base = dict(preset="custom", sink_tokens=4, recent_window=8, demote_chunk=4, shared_prefix_min_hits=2,
                 warm_idle_seconds=1.0, cold_idle_seconds=10.0,
-                tier_budget={"fp16": 0.6, "warm": 0.25, "cold": 0.15})
+                tier_max_share={"warm": 0.5, "cold": 0.5})  # capped: a full packed tier is reachable
     base.update(kw)
     return FadeConfig(**base)
 
@@ -79,9 +80,10 @@ def prefix_hashes(tokens: list[int], start: int = 0, h: int = 0) -> list[int]:
 
 
 class Sim:
-    """``verify``: every demotion decision is also taken by the walk-based reference and compared."""
+    """``size``: the pool's fp16 tokens (the arena's bytes; packed tiers take pages of it as tokens age).
+    ``verify``: every demotion decision is also taken by the walk-based reference and compared."""
 
-    def __init__(self, cfg: FadeConfig, size: int = 400, rows: int = 8, ctx: int = 160,
+    def __init__(self, cfg: FadeConfig, size: int = 100, rows: int = 8, ctx: int = 160,
                  geometry: tuple[int, int, int] = (HEADS, DIM, LAYERS), dtype: torch.dtype = torch.float32,
                  verify: bool = True):
         self.cfg = cfg
@@ -229,14 +231,7 @@ class Sim:
             sink_slots.append(row[:self.cfg.sink_tokens])
         held = torch.cat(tree_slots + owned) if tree_slots or owned else torch.empty(0, dtype=torch.int64)
         assert torch.unique(held).numel() == held.numel(), "a slot is owned twice"
-        tiers = pool.tier_of(held)
-        for t in Tier:
-            used = int((tiers == t).sum())
-            assert used + pool.available(t) == pool.layout.capacity(t), f"leaked/unaccounted {t.name} slots"
-            mask = pool.allocators[t].owned_mask()
-            assert int(mask.sum()) == used
-            if used:
-                assert bool(mask[held[tiers == t] - pool.layout.base(t)].all())
+        check_pool_accounting(pool, held)  # per-tier counts, ownership, pages and caps
         if sink_slots:
             assert bool((pool.tier_of(torch.cat(sink_slots)) == Tier.FP16).all()), "a sink token left fp16"
         if values:
@@ -312,11 +307,11 @@ def run_ops(sim: Sim, seed: int, steps: int) -> None:
 
 
 @pytest.mark.parametrize("seed,overrides,size", [
-    (0, {}, 400),
-    (1, {}, 260),  # tight fp16 tier: eviction under pressure
-    (2, {"eviction": False}, 300),
-    (3, {"tier_budget": {"fp16": 0.6, "warm": 0.4, "cold": 0.0}}, 300),  # no cold tier
-    (4, {"shared_prefix_min_hits": 0, "sink_tokens": 0, "recent_window": 2, "demote_chunk": 1}, 300),
+    (0, {}, 100),
+    (1, {"tier_max_share": {"warm": 1.0, "cold": 1.0}}, 64),  # small arena, uncapped tiers: eviction under pressure
+    (2, {"eviction": False}, 76),
+    (3, {"tier_max_share": {"warm": 1.0, "cold": 0.0}}, 76),  # no cold tier
+    (4, {"shared_prefix_min_hits": 0, "sink_tokens": 0, "recent_window": 2, "demote_chunk": 1}, 76),
 ])
 def test_random_operations_keep_invariants(seed: int, overrides: dict, size: int) -> None:
     sim = Sim(small_config(**overrides), size=size)
@@ -328,10 +323,10 @@ def test_random_operations_keep_invariants(seed: int, overrides: dict, size: int
 
 
 @pytest.mark.parametrize("seed,overrides,size,policy", [
-    (5, {"idle_recent_tokens": 3}, 300, "lru"),  # recent tails: the idle index follows leaf ends
-    (6, {"tier_budget": {"fp16": 0.7, "warm": 0.0, "cold": 0.3}}, 300, "lru"),  # no warm tier
-    (7, {"shared_prefix_min_hits": 0}, 260, "mru"),  # priorities that fall over time; tight fp16
-    (8, {"demote_chunk": 1, "recent_window": 2}, 300, "lfu"),
+    (5, {"idle_recent_tokens": 3}, 76, "lru"),  # recent tails: the idle index follows leaf ends
+    (6, {"tier_max_share": {"warm": 0.0, "cold": 1.0}}, 76, "lru"),  # no warm tier
+    (7, {"shared_prefix_min_hits": 0}, 64, "mru"),  # priorities that fall over time; small arena
+    (8, {"demote_chunk": 1, "recent_window": 2}, 76, "lfu"),
 ])
 def test_incremental_bookkeeping_matches_a_full_recount(seed: int, overrides: dict, size: int, policy: str) -> None:
     """After every random operation the cached tier counts, fp16 totals and idle index equal a full walk,
@@ -351,7 +346,7 @@ def test_pressure_heaps_rebuilt_mid_scan_keep_the_same_picks(monkeypatch: pytest
     from fade_sglang.radix.policy import TreeBook
 
     monkeypatch.setattr(TreeBook, "P_SLACK", -10**9)
-    sim = Sim(small_config(), size=260)  # tight fp16 tier: pressure demotion on most allocations
+    sim = Sim(small_config(), size=64)  # small arena: pressure demotion on most allocations
     run_ops(sim, 11, steps=100)
     assert sim.cache.demoted[("evict", "fp16->warm")] > 0
 
@@ -371,7 +366,7 @@ def test_running_demotion_skips_only_requests_a_full_plan_would_skip(monkeypatch
         return full_plan(self, *args)
 
     monkeypatch.setattr(RunningDemoter, "_full_plan", counting)
-    sim = Sim(small_config(recent_window=6, demote_chunk=8), size=700, rows=8, ctx=200)
+    sim = Sim(small_config(recent_window=6, demote_chunk=8), size=176, rows=8, ctx=200)
     rng = random.Random(9)
     clock = time.monotonic()
     for step in range(160):

@@ -28,7 +28,7 @@ from sglang_server import ServerProcess, english_like_corpus
 pytestmark = pytest.mark.server
 
 BASE_TOKENS = 4096
-FADE_TOKENS = 4 * BASE_TOKENS  # 4x the tokens of the baseline, still in fewer KV bytes
+FADE_TOKENS = BASE_TOKENS  # the same KV bytes as the baseline: fade's pool is sized like plain SGLang's
 FADE_ARGS = ["--kv-compression", "fade", "--attention-backend", "fade_torch"]
 SMALL_WINDOW_ARGS = FADE_ARGS + [
     "--fade-sink-tokens", "4", "--fade-recent-window", "16",
@@ -112,23 +112,24 @@ def _server_info_capacity(srv: ServerProcess) -> int:
 # ----------------------------------------------------------------------------- startup / capacity
 
 
-def test_fade_server_reports_more_tokens_in_fewer_bytes(baseline: ServerProcess, fade_small: ServerProcess) -> None:
+def test_fade_server_holds_more_tokens_in_the_same_bytes(baseline: ServerProcess, fade_small: ServerProcess) -> None:
     stats = fade_small.fade_stats()
-    tiers = stats["tiers"]
-    assert set(tiers) == {"fp16", "int4", "int2"} and all(t["capacity"] > 0 for t in tiers.values())
-    capacity = sum(t["capacity"] for t in tiers.values())
-    assert capacity == stats["capacity_tokens"] == _server_info_capacity(fade_small)
+    assert set(stats["tiers"]) == {"fp16", "int4", "int2"}
     base_capacity = _server_info_capacity(baseline)
     assert base_capacity == BASE_TOKENS
-    base_bytes = base_capacity * stats["fp16_bytes_per_token"]  # the baseline pool, same model and dtype
-    print(f"\nfade: {capacity} tokens in {stats['pool_bytes'] / 2**20:.2f} MiB; "
-          f"baseline: {base_capacity} tokens in {base_bytes / 2**20:.2f} MiB; "
+    base_bytes = (base_capacity + 1) * stats["fp16_bytes_per_token"]  # the baseline pool (+ padding row), same dtype
+    capacity = stats["capacity_tokens"]
+    print(f"\nfade: up to {capacity} tokens ({stats['fp16_capacity_tokens']} at full precision) in "
+          f"{stats['pool_bytes'] / 2**20:.2f} MiB; baseline: {base_capacity} tokens in {base_bytes / 2**20:.2f} MiB; "
           f"capacity_vs_fp16={stats['capacity_vs_fp16']:.2f}x")
+    # The same --max-total-tokens, the same bytes: the arena rounds up to whole pages plus one reserve page.
+    assert base_bytes <= stats["pool_bytes"] <= 1.02 * base_bytes
+    assert stats["pool_bytes"] == stats["arena_bytes"] == stats["pages"]["total"] * stats["pages"]["page_bytes"]
+    assert stats["fp16_capacity_tokens"] >= base_capacity  # nothing is split off at start-up
     assert capacity > 3 * base_capacity
-    assert stats["pool_bytes"] <= base_bytes
     assert stats["capacity_vs_fp16"] > 3.0
     log = fade_small.log_text()
-    assert "[fade] tiered KV pool:" in log and "Tree cache initialized: source=registered('fade')" in log
+    assert "[fade] tiered KV arena:" in log and "Tree cache initialized: source=registered('fade')" in log
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -154,9 +155,9 @@ def _teacher_forced_top1(srv: ServerProcess, full: list[int], start: int) -> lis
 def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerProcess, tokenizer: Any) -> None:
     """Divergence once demotion happens, measured two ways on the seeded random tiny model.
 
-    * free-running greedy token match over 72 tokens while running requests are demoted:
-      reported only. A random-weight model is chaotic (an HF simulation of the same INT4
-      policy diverges at token 1-2 too), so one flipped token derails everything after it.
+    * free-running greedy over 72 tokens: the pool is far from full, so nothing of a running
+      request is compressed (running demotion is memory-pressure relief only) and the output is
+      the baseline's token for token. (Running demotion under pressure: tests/test_elastic_benchmark.py.)
     * teacher-forced top-1 agreement of 72 continuation positions attending over a cached
       prompt that idled into the packed tiers: asserted. HF simulation on this model:
       INT4 prefix 0.50, INT2 prefix 0.17, broken reads (noise / scrambled channels) <= 0.03.
@@ -185,7 +186,8 @@ def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerPr
         agreement.append(sum(p == t for p, t in zip(preds, full[len(ids):])) / len(want))
     print(f"\nfree-running greedy match per prompt {rates} (first divergence at {prefix}); "
           f"teacher-forced top-1 agreement through the demoted prefix {agreement}; running demotions {moved} tokens")
-    assert moved > 0, "windows of 4 + 16 tokens must demote running requests' tokens"
+    assert moved == 0, "a running request was compressed although the pool had room at full precision"
+    assert rates == [1.0, 1.0, 1.0], f"greedy outputs differ from the baseline without any running compression: {prefix}"
     assert sum(agreement) / len(agreement) >= MIN_TEACHER_FORCED_AGREEMENT
 
 
@@ -272,8 +274,9 @@ def test_multi_turn_sessions_share_prefix_and_age(fade_small: ServerProcess, tok
 
     fade_small.flush_cache()
     after = fade_small.fade_stats()
-    for name, tier in after["tiers"].items():
-        assert tier["used"] == 0 and tier["free"] == initial["tiers"][name]["free"], name
+    for name, tier in after["tiers"].items():  # every page back on the free list (page 0 keeps the padding)
+        assert tier["used"] == 0 and tier["available"] == initial["tiers"][name]["available"], name
+    assert after["pages"]["free"] == initial["pages"]["free"] == after["pages"]["total"] - 1
     log = fade_small.log_text()
     assert "Mem Leak" not in log and "memory leak" not in log
     assert "Traceback" not in log

@@ -1,11 +1,11 @@
 """``fade-sglang demo``: full-precision KV vs ``--kv-compression fade`` under the same KV byte budget.
 
-Starts two real SGLang servers one after the other on the same model (the
-baseline with ``--max-total-tokens N``, the fade server with the token count
-that fits the same bytes at fade's effective bytes/token), drives the same
-multi-turn shared-prefix agent trace against both (the fade server replays the
-baseline's exact prompts, so greedy outputs compare token by token), and prints
-a side-by-side table (or ``--json``).
+Starts two real SGLang servers one after the other on the same model, both with
+``--max-total-tokens N``: fade's pool is sized exactly like plain SGLang's (the same KV
+bytes, all of it usable at full precision) and holds more tokens as it compresses them.
+Drives the same multi-turn shared-prefix agent trace against both (the fade server
+replays the baseline's exact prompts, so greedy outputs compare token by token), and
+prints a side-by-side table (or ``--json``).
 
 Servers run in their own process groups and are always stopped, also on
 Ctrl-C / SIGTERM (see :class:`fade_sglang.eval.launcher.ServerProcess`).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import sys
 import time
@@ -37,14 +36,14 @@ REQUEST_TIMEOUT_S = 120.0  # a stuck server fails the demo in minutes, not hours
 # Workload sizes. Sessions run turn by turn (every session's turn t, then t + 1), so a server must
 # keep all sessions' histories cached between turns: the full trace has more unique KV tokens than
 # the baseline pool holds (it evicts history and recomputes it), while fade holds all of it.
-# The pool must also leave fade's fp16 tier (20% of the bytes in `balanced`) room for the sink +
-# recent windows of the requests in flight, hence the moderate concurrency.
+# Every request in flight keeps its sinks + recent window at full precision, hence the moderate
+# concurrency (see fp16_window_shortfall).
 FULL_SPEC = AgentTraceSpec(sessions=12, turns=4, system_tokens=256, user_tokens=48, tool_tokens=192,
                            output_tokens=32)
 QUICK_SPEC = AgentTraceSpec(sessions=6, turns=3, system_tokens=128, user_tokens=24, tool_tokens=96,
                             output_tokens=16)
 FULL_BASE_TOKENS = 6144
-QUICK_BASE_TOKENS = 6144
+QUICK_BASE_TOKENS = 768  # below the quick trace's 1280 unique KV tokens: both servers feel memory pressure
 CONCURRENCY = 3
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -79,34 +78,21 @@ def model_geometry(model_path: Path, dtype: str = "float32") -> KVGeometry:
                       head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, dtype_bytes=DTYPE_BYTES[dtype])
 
 
-def fade_tokens_for_bytes(geom: KVGeometry, preset: str, budget_bytes: int) -> tuple[int, float]:
-    """Tokens (over all tiers) a fade pool of ``preset`` holds in ``budget_bytes``; and its bytes/token."""
-    from ..config import FadeConfig
-    from ..pool.layout import effective_bytes_per_token
-    from ..pool.tiered_store import tier_bytes_per_token
+def fp16_window_shortfall(preset: str, tokens: int, concurrency: int) -> str | None:
+    """Why ``concurrency`` requests in flight may not all keep their full-precision windows, or None.
 
-    cfg = FadeConfig.from_preset(preset)
-    per_tier = tier_bytes_per_token(cfg, geom.layers, geom.kv_heads, geom.head_dim, geom.dtype_bytes)
-    eff = effective_bytes_per_token(cfg.budget, per_tier)
-    # The fp16 tier keeps one padding row (slot 0) like SGLang's pool: leave its bytes out.
-    return math.floor((budget_bytes - per_tier[0]) / eff), eff
-
-
-def fp16_tier_shortfall(geom: KVGeometry, preset: str, budget_bytes: int, concurrency: int) -> str | None:
-    """Why fade's fp16 tier may be too small for ``concurrency`` requests in flight, or None.
-
-    Every running request keeps its sinks, its recent window and up to one demotion chunk in
-    fp16; when the tier cannot hold them all, SGLang keeps retracting requests.
+    The tiers share one arena, so at most ``tokens`` (the pool's full-precision size) can be fp16
+    at once; every running request keeps its sinks, its recent window and up to one demotion chunk
+    there. When that exceeds the pool, requests are retracted or their windows shrink.
     """
     from ..config import FadeConfig
 
     cfg = FadeConfig.from_preset(preset)
-    slots = int(budget_bytes * cfg.budget[0] / geom.full_bytes_per_token)
     need = concurrency * (cfg.sink_tokens + cfg.recent_window + cfg.demote_chunk)
-    if slots >= need:
+    if need <= tokens:
         return None
-    return (f"fade's fp16 tier ({slots} slots) is smaller than {concurrency} requests x (sinks + recent window + "
-            f"demotion chunk) = {need}; use a larger --max-total-tokens or a lower --concurrency")
+    return (f"{concurrency} requests x (sinks + recent window + demotion chunk) = {need} full-precision tokens "
+            f"exceed the pool's {tokens}; use a larger --max-total-tokens or a lower --concurrency")
 
 
 # ----------------------------------------------------------------------------- phases
@@ -174,7 +160,7 @@ def _tier_mix(stats: dict[str, Any]) -> dict[str, Any]:
     tiers = stats["tiers"]
     tokens = stats["tokens"] or 1
     return {name: {"tokens": t["used"], "share": t["used"] / tokens, "bytes": t["used_bytes"],
-                   "capacity": t["capacity"]} for name, t in tiers.items()}
+                   "pages": t["pages"]} for name, t in tiers.items()}
 
 
 def summarize(geom: KVGeometry, base_tokens: int, preset: str, base: dict[str, Any],
@@ -198,7 +184,7 @@ def summarize(geom: KVGeometry, base_tokens: int, preset: str, base: dict[str, A
             "config": f"--kv-compression fade --fade-preset {preset}",
             "max_tokens": fs["capacity_tokens"],
             "pool_bytes": fs["pool_bytes"],
-            "pool_bytes_source": "/fade/stats pool_bytes (allocated tier buffers, scales included)",
+            "pool_bytes_source": "/fade/stats pool_bytes (the KV arena every tier shares, scales included)",
             "server_kvcache_gb": fade["state"]["memory_usage"]["kvcache"],
             "bytes_per_token": fs["pool_bytes"] / fs["capacity_tokens"],
             "tier_mix": _tier_mix(fs),
@@ -272,8 +258,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"present, else a seeded random tiny Llama built in {GENERATED_MODEL.relative_to(REPO_ROOT)})")
     p.add_argument("--preset", default="balanced", help="fade preset: safe, balanced (default) or aggressive")
     p.add_argument("--max-total-tokens", type=int, default=None,
-                   help=f"token budget of the fp16 baseline; fade gets the same bytes "
-                        f"(default {FULL_BASE_TOKENS}, {QUICK_BASE_TOKENS} with --quick)")
+                   help=f"--max-total-tokens of both servers: the same KV bytes, which fade fills with more "
+                        f"tokens as it compresses (default {FULL_BASE_TOKENS}, {QUICK_BASE_TOKENS} with --quick)")
     p.add_argument("--sessions", type=int, default=None, help="concurrent sessions sharing the system prompt")
     p.add_argument("--turns", type=int, default=None, help="turns per session")
     p.add_argument("--concurrency", type=int, default=CONCURRENCY, help="requests in flight (default %(default)s)")
@@ -315,10 +301,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     dtype = args.dtype or ("float32" if server_device() == "cpu" else "bfloat16")
     geom = model_geometry(model, dtype)
-    fade_tokens, eff = fade_tokens_for_bytes(geom, args.preset, geom.baseline_pool_bytes(base_tokens))
-    say(f"model {model}: {geom.full_bytes_per_token} B/token full precision; fade {args.preset}: {eff:.0f} B/token "
-        f"-> {base_tokens} vs {fade_tokens} tokens in the same bytes")
-    short = fp16_tier_shortfall(geom, args.preset, geom.baseline_pool_bytes(base_tokens), args.concurrency)
+    say(f"model {model}: {geom.full_bytes_per_token} B/token full precision; both servers get "
+        f"--max-total-tokens {base_tokens} ({geom.baseline_pool_bytes(base_tokens) / 2**20:.1f} MiB of KV); "
+        f"fade {args.preset} holds more tokens in them as it compresses")
+    short = fp16_window_shortfall(args.preset, base_tokens, args.concurrency)
     if short:
         say(f"warning: {short}")
     trace = build_agent_trace(spec, load_tokenizer(model))
@@ -326,7 +312,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         f"final context {spec.final_context_tokens()} tok, {spec.unique_tokens()} unique KV tokens")
     dtype_args = ("--dtype", dtype)  # after launcher.CPU_SERVER_ARGS' --dtype: the last one wins
     base = run_phase("fp16", model, dtype_args, base_tokens, trace, say, concurrency=args.concurrency)
-    fade = run_phase("fade", model, (*dtype_args, *FADE_ARGS, "--fade-preset", args.preset), fade_tokens, trace,
+    fade = run_phase("fade", model, (*dtype_args, *FADE_ARGS, "--fade-preset", args.preset), base_tokens, trace,
                      say, concurrency=args.concurrency, replay=base["run"], fade=True)
     result = summarize(geom, base_tokens, args.preset, base, fade)
     result["workload"] = asdict(spec)

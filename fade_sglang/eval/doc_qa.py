@@ -22,9 +22,11 @@ cache), fact recall (the fp16 answer's fact string appears in the answer), the m
 of the held conversations (``tokens x 16-bit bytes/token / stored bytes``, from ``/fade/stats``), and
 passkey retrieval (:func:`fade_sglang.eval.quality._run_passkey`: cache the context, age it, ask).
 
-Settings, all at the KV bytes of the fp16 server's ``--max-total-tokens``: ``fp16`` (plain SGLang),
-``control`` (fade's pool, allocator and attention backend with an all-fp16 tier budget and idle timers
-that never fire; must reproduce fp16 token for token, and is checked to have demoted nothing),
+Settings, all at the KV bytes of the fp16 server's ``--max-total-tokens`` (every server gets the same
+``--max-total-tokens``: fade's pool is sized like plain SGLang's): ``fp16`` (plain SGLang),
+``control`` (fade's pool, allocator and attention backend with both packed tiers off,
+``tier_max_share`` 0, and idle timers that never fire; must reproduce fp16 token for token, and is
+checked to have demoted nothing),
 ``fade-safe|balanced|aggressive`` (presets; safe ages to INT4, the others to INT2) and
 ``evict@fade-X`` (StreamingLLM-style eviction: sinks + a recent window per idle branch, the rest
 dropped from attention, the window sized so that its stored bytes match fade-X's measured bytes).
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import evaldata, quality
-from .demo import fade_tokens_for_bytes, model_geometry
+from .demo import model_geometry
 from .launcher import DEVICE_DEFAULT, ServerProcess
 from .real_model import ensure_smollm2
 
@@ -57,7 +59,7 @@ DEFAULT_SETTINGS = "fp16,control,fade-safe,fade-balanced,fade-aggressive,evict@f
 PRESET_AGE = {"safe": "int4", "balanced": "int2", "aggressive": "int2"}
 NEVER = "1000000000"  # idle seconds: never
 CONTROL_EXTRA = ("--fade-set", f"warm_idle_seconds={NEVER}", "--fade-set", f"cold_idle_seconds={NEVER}",
-                 "--fade-set", 'tier_budget={"fp16": 1.0, "warm": 0.0, "cold": 0.0}')
+                 "--fade-set", 'tier_max_share={"warm": 0.0, "cold": 0.0}')
 REQUEST_TIMEOUT_S = 600.0
 INSTRUCTION = "Read the following report carefully and answer my questions about it in one sentence."
 
@@ -268,7 +270,7 @@ class DocQAConfig:
     passkey_lengths: tuple[int, ...] = (2048, 4096, 7168)
     passkey_depths: int = 3
     passkey_per_cell: int = 1
-    base_tokens: int = 24576  # fp16 server's --max-total-tokens; every server gets its bytes
+    base_tokens: int = 24576  # --max-total-tokens of every server (the same KV bytes for all)
     dtype: str = "bfloat16"
     age_timeout_s: float = 120.0
     seed: int = 0
@@ -459,10 +461,7 @@ def run_doc_qa(cfg: DocQAConfig, settings: Sequence[Setting],
     for setting in settings:
         t0 = time.monotonic()
         fade = setting.preset is not None
-        if not fade or setting.name == "control":
-            tokens = cfg.base_tokens
-        else:
-            tokens = fade_tokens_for_bytes(geom, setting.preset, budget)[0]
+        tokens = cfg.base_tokens  # the same KV bytes for every server: fade's pool is sized like plain SGLang's
         res = DocQAResult(setting.name, max_total_tokens=tokens)
         qres = quality.SettingResult(setting.name, [])
         runs: list[tuple[Setting, bool, tuple[int, ...]]] = []  # (server setting, doc qa?, passkey lengths)

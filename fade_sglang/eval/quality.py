@@ -279,10 +279,10 @@ def run_batch(srv: ServerProcess, setting: Setting, items: list[Item], cfg: Qual
 
 
 def _fit_batches_to_fp16(srv: ServerProcess, cfg: QualityConfig) -> QualityConfig:
-    """Cache at most half the fp16 tier's tokens per batch: turn 1 must not run into fp16
+    """Cache at most half the fp16 room per batch: turn 1 must not run into fp16
     pressure, whose demotions (which ignore idle timers and windows) would age contexts
     differently from the idle policy being evaluated."""
-    room = int(srv.fade_stats()["tiers"]["fp16"]["free"]) // 2
+    room = int(srv.fade_stats()["tiers"]["fp16"]["available"]) // 2
     return replace(cfg, batch_tokens=min(cfg.batch_tokens, room)) if room < cfg.batch_tokens else cfg
 
 

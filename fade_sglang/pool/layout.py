@@ -1,15 +1,17 @@
 """Slot index space of the tiered pool.
 
 One int64 slot space is shared by SGLang's radix tree, req_to_token rows and
-every attention backend's kv_indices. fade partitions it into contiguous
-ranges, so the tier of a slot is a pure function of its index (two compares,
-no lookup table on the hot path) and a radix node split never needs tier
-bookkeeping:
+every attention backend's kv_indices. fade gives each tier a contiguous range,
+so the tier of a slot is a pure function of its index (two compares, no lookup
+table on the hot path) and a radix node split never needs tier bookkeeping:
 
     [0, page_size)                   padding (slot 0 absorbs dummy writes)
-    [page_size, warm_base)           FP16 tier  (fp16_slots usable slots)
+    [page_size, warm_base)           FP16 tier  (fp16_slots slots)
     [warm_base, cold_base)           warm tier  (packed, INT4 by default)
     [cold_base, end)                 cold tier  (packed, INT2 by default)
+
+The ranges are address spaces, not memory: each spans the whole byte arena
+(:mod:`.pages`), and only the rows of pages a tier owns are live.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from enum import IntEnum
 
 import torch
 
-__all__ = ["Tier", "TierLayout", "split_token_budget"]
+__all__ = ["Tier", "TierLayout"]
 
 
 class Tier(IntEnum):
@@ -71,23 +73,3 @@ class TierLayout:
     def local_index(self, slots: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Row of each slot inside its tier's buffers (the fp16 buffer keeps SGLang's global rows)."""
         return slots if tier == Tier.FP16 else slots - self.base(tier)
-
-
-def split_token_budget(total_tokens: int, budget: tuple[float, float, float],
-                       bytes_per_token: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Split a token capacity computed at the *effective* bytes/token into per-tier slot counts.
-
-    ``total_tokens * effective_bytes`` is the byte budget; tier t gets
-    ``budget[t]`` of those bytes, i.e. ``budget[t] * bytes / bytes_per_token[t]`` slots.
-    """
-    eff = effective_bytes_per_token(budget, bytes_per_token)
-    total_bytes = total_tokens * eff
-    counts = [int(total_bytes * frac / b) if frac > 0 else 0 for frac, b in zip(budget, bytes_per_token)]
-    counts[0] = max(counts[0], 1)
-    return counts[0], counts[1], counts[2]
-
-
-def effective_bytes_per_token(budget: tuple[float, float, float], bytes_per_token: tuple[int, int, int]) -> float:
-    """Bytes per token of the tier mix: the harmonic blend of per-tier costs weighted by byte share."""
-    tokens_per_byte = sum(frac / b for frac, b in zip(budget, bytes_per_token) if frac > 0)
-    return 1.0 / tokens_per_byte

@@ -1,11 +1,11 @@
-"""Packed K/V storage of one quantized tier for all layers.
+"""Packed K/V records of one quantized tier, for all layers, as views into the shared byte arena.
 
-Tensors (one allocation each, so a demotion is one batched write):
-    data  uint8   [layers, 2, slots, heads, head_dim * bits / 8]   (K at index 0, V at 1)
-    scale float16 [layers, 2, slots, heads, head_dim / group]
-    zero  float16 [layers, 2, slots, heads, head_dim / group]
-Values are stored in the rotated (and, for K, centered) space; the pool owns
-the rotation and the key centers and undoes them when it reads.
+The arena is ``uint8 [layers, 2, pages * page_bytes]`` (K at index 1 = 0, V at 1). A record of this
+tier is ``record_bytes`` long: ``codes [H, D * bits / 8]`` then ``scale fp16 [H, D / group]`` then
+``zero fp16 [H, D / group]``, then padding. The views below are strided (row stride = record bytes),
+so a demotion is still one batched write and kernels read records in place through the strides.
+Values are stored in the rotated (and, for K, centered) space; the pool owns the rotation and the
+key centers and undoes them when it reads.
 """
 
 from __future__ import annotations
@@ -14,23 +14,32 @@ import torch
 
 from ..quant import QuantFormat, QuantizedKV, dequantize, quantize
 
-__all__ = ["PackedTierStore"]
+__all__ = ["PackedTierStore", "packed_record_bytes"]
+
+
+def packed_record_bytes(fmt: QuantFormat, heads: int, head_dim: int) -> int:
+    """Natural bytes of one packed record (one token, one layer, K or V): codes, scales, zeros."""
+    return heads * fmt.bytes_per_token_head(head_dim)
 
 
 class PackedTierStore:
-    def __init__(self, fmt: QuantFormat, layers: int, slots: int, heads: int, head_dim: int,
-                 device: torch.device | str):
+    def __init__(self, fmt: QuantFormat, arena: torch.Tensor, rows: int, record_bytes: int, heads: int,
+                 head_dim: int):
         fmt.check_head_dim(head_dim)
+        if record_bytes % 2 or record_bytes < packed_record_bytes(fmt, heads, head_dim):
+            raise ValueError(f"record of {record_bytes} bytes cannot hold {packed_record_bytes(fmt, heads, head_dim)}")
         self.fmt = fmt
         self.head_dim = head_dim
-        lead = (layers, 2, slots, heads)
-        self.data = torch.zeros(*lead, fmt.packed_dim(head_dim), dtype=torch.uint8, device=device)
-        self.scale = torch.zeros(*lead, fmt.num_groups(head_dim), dtype=torch.float16, device=device)
-        self.zero = torch.zeros_like(self.scale)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
+        self.rows = rows
+        layers = arena.shape[0]
+        rec = arena[:, :, :rows * record_bytes].view(layers, 2, rows, record_bytes)
+        code_bytes = heads * fmt.packed_dim(head_dim)
+        groups = fmt.num_groups(head_dim)
+        scale_bytes = heads * groups * 2
+        self.data = rec[..., :code_bytes].view(layers, 2, rows, heads, fmt.packed_dim(head_dim))
+        self.scale = rec[..., code_bytes:code_bytes + scale_bytes].view(torch.float16).view(layers, 2, rows, heads, groups)
+        self.zero = rec[..., code_bytes + scale_bytes:code_bytes + 2 * scale_bytes].view(torch.float16).view(
+            layers, 2, rows, heads, groups)
 
     def write(self, rows: torch.Tensor, values: torch.Tensor, layer: int | None = None) -> None:
         """Quantize ``values`` ([layers, 2, n, H, D], or [2, n, H, D] with ``layer``) into ``rows``."""

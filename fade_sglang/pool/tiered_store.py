@@ -1,13 +1,16 @@
-"""TieredKVStore: one slot space holding three precision tiers (the SGLang-free core of the pool).
+"""TieredKVStore: one byte arena holding three precision tiers (the SGLang-free core of the pool).
 
 The pool SGLang serves from (``fade_sglang.patches.pool.TieredKVPool``) is this store behind
 SGLang's ``MHATokenToKVPool`` interface; everything here runs without SGLang.
 
-* FP16 tier: one ``[layers, 2, rows, H, D]`` buffer (model dtype) whose per-layer views are
-  SGLang's ``k_buffer`` / ``v_buffer``, so every write path SGLang has keeps working; new
+* One ``uint8 [layers, 2, pages * page_bytes]`` arena, handed out in pages that one tier owns
+  while they hold live rows (:mod:`.pages`). Nothing is partitioned at start-up: a fresh pool
+  can hold as many fp16 tokens as a plain pool of the same bytes.
+* FP16 tier: the arena viewed as ``[layers, 2, rows, H, D]`` (model dtype); its per-layer views
+  are SGLang's ``k_buffer`` / ``v_buffer``, so every write path SGLang has keeps working; new
   tokens always land here.
-* Warm / cold tiers: :class:`PackedTierStore` buffers (packed INT4 / INT2 by
-  default) in the rotated space, K additionally centered by a per-(layer, head)
+* Warm / cold tiers: :class:`PackedTierStore` strided views of the same arena (packed INT4 / INT2
+  by default) in the rotated space, K additionally centered by a per-(layer, head)
   mean frozen at the first demotion (a fixed shift of every key leaves softmax
   unchanged; readers add it back, so results do not depend on its value).
 * ``demote(slots, tier)`` moves tokens down a tier for all layers in one batched
@@ -25,12 +28,14 @@ import torch
 
 from ..config import FadeConfig
 from ..quant import QuantFormat, rotation_matrix
-from .allocator import PoolExhaustedError, SlotError, TierAllocator
-from .layout import Tier, TierLayout, effective_bytes_per_token, split_token_budget
-from .packed_store import PackedTierStore
+from .allocator import PoolExhaustedError, SlotError
+from .layout import Tier, TierLayout
+from .packed_store import PackedTierStore, packed_record_bytes
+from .pages import PagedRows, PageGeometry, PageTable, choose_page_geometry
 from .view import PackedLayerKV, TieredLayerKV, gather_kv
 
-__all__ = ["PackedLayerKV", "QuantizeRowsFn", "TieredKVStore", "TieredLayerKV", "tier_bytes_per_token"]
+__all__ = ["PackedLayerKV", "QuantizeRowsFn", "TieredKVStore", "TieredLayerKV", "pool_geometry",
+           "tier_bytes_per_token"]
 
 logger = logging.getLogger(__name__)
 # Upper bound of the float32 temporaries of one demotion chunk ([layers, 2, n, H, D]).
@@ -51,8 +56,23 @@ def tier_bytes_per_token(cfg: FadeConfig, layers: int, heads: int, head_dim: int
     return tuple(2 * layers * heads * b for b in per_head)  # type: ignore[return-value]
 
 
+def pool_geometry(cfg: FadeConfig, heads: int, head_dim: int, dtype: torch.dtype | int) -> PageGeometry:
+    """Page size and per-tier rows per page for one layer's K (or V) arena."""
+    elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
+    payloads = tuple(packed_record_bytes(fmt, heads, head_dim) if on else 0
+                     for fmt, on in ((cfg.warm_format, cfg.warm_enabled), (cfg.cold_format, cfg.cold_enabled)))
+    return choose_page_geometry(heads * head_dim * elem, payloads)
+
+
+def arena_pages(size: int, geometry: PageGeometry, page_size: int = 1, reserve_pages: int = 0) -> int:
+    """Pages holding ``size`` fp16 tokens plus SGLang's padding slot (rounded up to a whole page), plus
+    the pages fp16 may not claim: the fp16 tier alone always holds at least ``size`` tokens."""
+    return -(-(size + page_size) // geometry.rows_per_page[0]) + reserve_pages
+
+
 class TieredKVStore:
-    """``size`` is the total token capacity over all tiers (SGLang sizes it from the effective bytes/token).
+    """``size``: fp16 tokens of the same bytes (SGLang sizes it as for plain KV); the arena holds that
+    many fp16 rows (rounded up to whole pages), or up to ``rows_per_page`` times more packed ones.
 
     ``quantize_rows_fn``: the fused quantize kernel used for demotion (the adapter passes it on CUDA);
     None quantizes with the torch reference. ``allocate_fp16=False`` leaves the fp16 buffer to a
@@ -71,37 +91,56 @@ class TieredKVStore:
         self.head_num, self.head_dim, self.layer_num = head_num, head_dim, layer_num
         self.start_layer = 0
         self.tier_bytes = tier_bytes_per_token(cfg, layer_num, head_num, head_dim, dtype)
-        self.layout = TierLayout(*split_token_budget(size, cfg.budget, self.tier_bytes), page_size=page_size)
+        self.geometry = pool_geometry(cfg, head_num, head_dim, dtype)
+        # One free page kept for the packed tiers: demotion needs somewhere to write before it frees fp16 rows.
+        reserve = 1 if cfg.compresses else 0
+        self.pages = arena_pages(size, self.geometry, page_size, reserve)
+        rows = [self.pages * r for r in self.geometry.rows_per_page]
+        self.layout = TierLayout(rows[0] - page_size, rows[1], rows[2], page_size=page_size)
         self.formats: dict[Tier, QuantFormat] = {Tier.WARM: cfg.warm_format, Tier.COLD: cfg.cold_format}
-        self.stores: dict[Tier, PackedTierStore] = {
-            t: PackedTierStore(self.formats[t], layer_num, self.layout.capacity(t), head_num, head_dim, device)
-            for t in (Tier.WARM, Tier.COLD) if self.layout.capacity(t) > 0
-        }
         self.total_size = self.layout.total_slots
         self.strict = (torch.device(device).type == "cpu") if strict is None else strict
         self.quantize_rows_fn = quantize_rows_fn
         self.rotation = rotation_matrix(head_dim, cfg.rotation_seed, torch.float32, device) if cfg.rotation else None
         self.k_center = torch.zeros(layer_num, head_num, head_dim, dtype=torch.float32, device=device)
         self._center_frozen = [not cfg.center_keys] * layer_num
-        self.allocators = [TierAllocator(t.name.lower(), self.layout.base(t), self.layout.capacity(t), device,
-                                         self.strict) for t in Tier]
+        self._dtype, self._device = dtype, torch.device(device)
+        max_pages = tuple(int(self.pages * share) for share in cfg.max_shares)
+        self.page_table = PageTable(self.pages, device, reserve_pages=reserve, max_pages=max_pages)
+        # fp16 rows are global slots (row 0 is SGLang's padding, pinned); packed rows start at their range's base.
+        self.allocators = [PagedRows(t.name.lower(), int(t), 0 if t == Tier.FP16 else self.layout.base(t),
+                                     self.geometry.rows_per_page[t], self.page_table, self.strict,
+                                     pinned_rows=page_size if t == Tier.FP16 else 0)
+                           for t in Tier]
+        self.stores: dict[Tier, PackedTierStore] = {}
         self.demoted_tokens = {(Tier.FP16, Tier.WARM): 0, (Tier.FP16, Tier.COLD): 0, (Tier.WARM, Tier.COLD): 0}
         if allocate_fp16:
             self._allocate_fp16(dtype, device)
 
     def fp16_buffer_shape(self) -> tuple[int, int, int]:
-        """Rows of one fp16 K (or V) layer: the tier's slots plus the padding below them (slot 0)."""
+        """Rows of one fp16 K (or V) layer: the whole arena as fp16 rows (slot 0 is the padding)."""
         return (self.layout.fp16_slots + self.layout.page_size, self.head_num, self.head_dim)
 
     def _allocate_fp16(self, dtype: torch.dtype, device: str | torch.device) -> None:
-        """One [layers, 2, rows, H, D] allocation so demotion gathers all layers in one op."""
-        self.kv_fp16 = torch.zeros(self.layer_num, 2, *self.fp16_buffer_shape(), dtype=dtype, device=device)
+        """The arena, and every tier's view of it: fp16 ``[layers, 2, rows, H, D]`` and the packed stores."""
+        self.arena = torch.zeros(self.layer_num, 2, self.pages * self.geometry.page_bytes, dtype=torch.uint8,
+                                 device=device)
+        self.kv_fp16 = self.arena.view(dtype).view(self.layer_num, 2, *self.fp16_buffer_shape())
         self.k_buffer = [self.kv_fp16[l, 0] for l in range(self.layer_num)]
         self.v_buffer = [self.kv_fp16[l, 1] for l in range(self.layer_num)]
+        self.stores = {t: PackedTierStore(self.formats[t], self.arena, self.layout.capacity(t),
+                                          self.geometry.record_bytes[t], self.head_num, self.head_dim)
+                       for t in (Tier.WARM, Tier.COLD) if self.layout.capacity(t) > 0}
 
-    def packed_nbytes(self) -> int:
-        """Bytes of the packed tiers' buffers (codes, scales and zeros)."""
-        return sum(s.nbytes for s in self.stores.values())
+    def arena_nbytes(self) -> int:
+        """Bytes of the arena (all tiers, K and V, all layers)."""
+        return self.layer_num * 2 * self.pages * self.geometry.page_bytes
+
+    def clear_slots(self) -> None:
+        """Free every slot of every tier (the pages go back to the free list; page 0 keeps the padding)."""
+        self.page_table.clear()
+        for a in self.allocators:
+            a.clear()
 
     # ------------------------------------------------------------------ slots
     def tier_of(self, slots: torch.Tensor) -> torch.Tensor:
@@ -130,10 +169,14 @@ class TieredKVStore:
         if self.strict:
             self._check_slots(slots)
         tiers = self.tier_of(slots)
-        for t in Tier:
-            part = slots[tiers == t]
+        parts = [(t, slots[tiers == t]) for t in Tier]
+        if self.strict:  # check every part before freeing any: a bad free changes nothing
+            for t, part in parts:
+                if part.numel():
+                    self.allocators[t].check_owned(part)
+        for t, part in parts:
             if part.numel():
-                self.allocators[t].free(part)
+                self.allocators[t].free(part, checked=True)
 
     def available(self, tier: Tier = Tier.FP16) -> int:
         return self.allocators[_tier(tier)].available()
@@ -220,7 +263,7 @@ class TieredKVStore:
         if n_move == 0:
             return out
         if to not in self.stores:
-            raise PoolExhaustedError(f"the {to.name.lower()} tier is disabled (zero budget)")
+            raise PoolExhaustedError(f"the {to.name.lower()} tier is disabled (tier_max_share 0)")
         if self.strict and torch.unique(slots).numel() != slots.numel():
             raise SlotError("demote got the same slot twice")
         new = self.allocators[to].try_alloc(n_move)
@@ -302,25 +345,70 @@ class TieredKVStore:
         """Bytes that the tokens currently held occupy (used slots x exact per-tier bytes/token)."""
         return sum(self.used(t) * self.held_bytes_per_token(t) for t in Tier)
 
-    def effective_bytes_per_token(self) -> float:
-        return effective_bytes_per_token(self.fade_config.budget, self.tier_bytes)
+    def free_room_tokens(self, keep_fp16: int = 0) -> int:
+        """Tokens the arena could still take at the precision pressure demotes to (warm; fp16 when nothing
+        compresses), counting every fp16 token but ``keep_fp16`` (sinks, recent windows) as demotable."""
+        dst = Tier.WARM if self.fade_config.warm_enabled else (Tier.COLD if self.fade_config.cold_enabled else Tier.FP16)
+        rec = self.geometry.record_bytes
+        free = (self.pages - self.page_table.reserve_pages) * self.geometry.page_bytes
+        free -= sum(self.used(t) * rec[t] for t in Tier if rec[t])
+        free -= self.layout.page_size * rec[Tier.FP16]  # the padding slot
+        convertible = max(0, self.used(Tier.FP16) - keep_fp16) * (rec[Tier.FP16] - rec[dst])
+        return max(0, (free + convertible) // rec[dst])
+
+    def max_request_tokens(self) -> int:
+        """Most tokens one request can hold in an empty arena: its sinks and recent window in fp16, the rest
+        at the precision running demotion writes (warm), with a tenth left for partly filled pages and the
+        prefill chunk in flight."""
+        cfg = self.fade_config
+        if not cfg.warm_enabled:
+            return self.layout.fp16_slots - self.page_table.reserve_pages * self.geometry.rows_per_page[Tier.FP16]
+        rec = self.geometry.record_bytes
+        keep = cfg.sink_tokens + cfg.recent_window
+        room = (self.pages - self.page_table.reserve_pages - 1) * self.geometry.page_bytes - keep * rec[Tier.FP16]
+        return int(0.9 * (keep + room // rec[Tier.WARM]))
+
+    def fp16_gain_per_demoted_token(self) -> float:
+        """fp16 room one fp16 -> warm demotion frees, net of the warm record it takes (0 when warm is off)."""
+        if not self.fade_config.warm_enabled:
+            return 0.0
+        return 1.0 - self.geometry.record_bytes[Tier.WARM] / self.geometry.record_bytes[Tier.FP16]
+
+    def max_tokens(self) -> int:
+        """Most tokens the arena can hold: pages filled densest tier first, within each tier's cap
+        (the fp16 tier keeps page 0 for the padding slot)."""
+        pages_left, tokens = self.pages - 1, self.geometry.rows_per_page[Tier.FP16] - self.layout.page_size
+        for t in sorted(Tier, key=lambda t: -self.geometry.rows_per_page[t]):
+            take = min(pages_left, self.page_table.max_pages[t] - (t == Tier.FP16))
+            tokens += max(0, take) * self.geometry.rows_per_page[t]
+            pages_left -= max(0, take)
+        return tokens
 
     def tier_stats(self) -> dict[str, Any]:
         names = self.fade_config.tier_display_names()
+        page_bytes = self.layer_num * 2 * self.geometry.page_bytes
         tiers = {}
         for t in Tier:
             used = self.used(t)
-            tiers[names[t]] = {"capacity": self.layout.capacity(t), "used": used, "free": self.available(t),
+            tiers[names[t]] = {"used": used, "available": self.available(t), "pages": self.allocators[t].owned_pages(),
+                               "page_bytes": self.allocators[t].owned_pages() * page_bytes,
                                "bytes_per_token": self.tier_bytes[t], "used_bytes": used * self.held_bytes_per_token(t)}
         tokens = sum(v["used"] for v in tiers.values())
         stored = self.compressed_storage_bytes()
+        # Ratios against 16-bit KV (what a GPU user compares with), also on a float32 CPU pool.
+        bytes16 = self.tier_bytes[Tier.FP16] * 2 // torch.empty((), dtype=self.kv_fp16.dtype).element_size()
         return {
             "tiers": tiers,
             "tokens": tokens,
             "stored_bytes": stored,
+            "arena_bytes": self.arena_nbytes(),
+            "pages": {"total": self.pages, "free": self.page_table.free_pages(), "page_bytes": page_bytes,
+                      "rows_per_page": dict(zip(names, self.geometry.rows_per_page))},
             "compression_ratio": (tokens * self.tier_bytes[Tier.FP16] / stored) if stored else 1.0,
-            "capacity_tokens": self.total_size,
-            "capacity_vs_fp16": self.tier_bytes[Tier.FP16] / self.effective_bytes_per_token(),
+            "compression_vs_16bit": (tokens * bytes16 / stored) if stored else 1.0,
+            "capacity_tokens": self.max_tokens(),
+            "fp16_capacity_tokens": self.layout.fp16_slots,
+            "capacity_vs_fp16": self.max_tokens() / self.layout.fp16_slots,
             "demoted_tokens": {f"{names[a]}->{names[b]}": n for (a, b), n in self.demoted_tokens.items()},
         }
 
