@@ -64,7 +64,7 @@ def add_fade_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Override: each request's N most recent tokens stay fp16.")
     group.add_argument(
         "--fade-set", type=str, action="append", default=None, metavar="KNOB=VALUE",
-        help="Override any fade knob (repeatable), e.g. --fade-set warm_bits=4 --fade-set tier_budget='{...}'.")
+        help="Override any fade knob (repeatable), e.g. --fade-set warm_bits=4 --fade-set tier_max_share='{\"cold\": 0.5}'.")
 
 
 def _parse_set_items(items: Iterable[str]) -> dict[str, str]:
