@@ -800,6 +800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"comma list of {', '.join(SCENARIOS)} (default: %(default)s)")
     p.add_argument("--preset", default="balanced", help="fade preset (default %(default)s)")
     p.add_argument("--max-total-tokens", type=int, default=None, help="N (default: the scale's)")
+    p.add_argument("--long-prompt-ratio", type=float, default=None,
+                   help="long_prompt's prompt as a multiple of N (default: the scale's, 2.5)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default benchmarks/results/elastic-<device>-<scale>.json)")
     args = p.parse_args(argv)
@@ -823,6 +825,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dataclasses import replace
 
         scale = replace(scale, max_total_tokens=args.max_total_tokens)
+    if args.long_prompt_ratio is not None:
+        if not 1.0 < args.long_prompt_ratio <= scale.big_ratio:
+            return fail(f"--long-prompt-ratio must be in (1, {scale.big_ratio}] (got {args.long_prompt_ratio})")
+        from dataclasses import replace
+
+        scale = replace(scale, long_prompt_ratio=args.long_prompt_ratio)
     try:
         model = resolve_model(args.model_path, scale)
     except ElasticError as e:
