@@ -3,7 +3,9 @@
 Registered with ``sglang.srt.layers.attention.attention_registry.register_attention_backend``
 and added to the ``--attention-backend`` choices. Under ``--kv-compression fade`` the
 default is ``fade_triton`` on CUDA (the fused mixed-tier Triton kernels in ``kernels/``)
-and ``fade_torch`` on CPU (the torch reference: gather + dequantize per request).
+and ``fade_torch`` on CPU (gather + dequantize per request, then SDPA called exactly as SGLang's
+``torch_native`` backend calls it: a request with nothing compressed is bit-identical to plain SGLang;
+``fade_sglang.attention.sdpa``).
 ``fade_triton`` also runs on CPU under ``TRITON_INTERPRET=1`` (slow; used by tests).
 
 One seam for the compute: ``decode_impl(q, view, kv_indptr, kv_indices, sm_scale)``
@@ -221,7 +223,7 @@ class FadeAttnBackend(AttentionBackend):
         self.drop_packed = self.pool.fade_config.evict_instead_of_demote
         self._graph: Optional[_GraphState] = None
         logger.info("[fade] attention backend %s (%s)", self.name,
-                    "Triton mixed-tier kernels" if use_triton else "torch reference")
+                    "Triton mixed-tier kernels" if use_triton else "torch SDPA, torch_native's numerics")
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         mode = forward_batch.forward_mode
@@ -265,9 +267,9 @@ class FadeAttnBackend(AttentionBackend):
                 workspace = self._graph.workspace(md, q.shape[1], q.shape[2])
             return decode_attention(q, view, md.kv_indptr, md.kv_indices, scale, partition=md.partition,
                                     num_kv_splits=md.num_kv_splits, workspace=workspace)
-        from fade_sglang.attention.reference import decode_attention_ref
+        from fade_sglang.attention.sdpa import decode_attention_sdpa
 
-        return decode_attention_ref(q, view, md.kv_indptr, md.kv_indices, scale)
+        return decode_attention_sdpa(q, view, md.kv_indptr, md.kv_indices, scale)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, view: TieredLayerKV, md: _Metadata,
                 scale: float) -> torch.Tensor:
@@ -276,9 +278,9 @@ class FadeAttnBackend(AttentionBackend):
 
             return extend_attention(q, k, v, view, md.qo_indptr, md.kv_indptr, md.kv_indices, scale,
                                     partition=md.partition, max_extend_len=md.max_extend_len)
-        from fade_sglang.attention.reference import extend_attention_ref
+        from fade_sglang.attention.sdpa import extend_attention_sdpa
 
-        return extend_attention_ref(q, k, v, view, md.qo_indptr, md.kv_indptr, md.kv_indices, scale)
+        return extend_attention_sdpa(q, k, v, view, md.qo_indptr, md.kv_indptr, md.kv_indices, scale)
 
     def _save(self, layer: Any, forward_batch: Any, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
               save_kv_cache: bool) -> None:

@@ -58,14 +58,18 @@ class TieredLayerKV:
     k_center: torch.Tensor  # [H, D] float32, rotated space
 
 
-def gather_kv(view: TieredLayerKV, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V (float32, model space, ``[n, H, D]``) of arbitrary mixed-tier ``slots`` (reference path)."""
+def gather_kv(view: TieredLayerKV, slots: torch.Tensor,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V (``dtype``, model space, ``[n, H, D]``) of arbitrary mixed-tier ``slots``.
+
+    fp16-tier rows are copied as stored (exact in any dtype at least as wide as the pool's); packed
+    rows are dequantized and un-rotated in float32, then cast to ``dtype``."""
     slots = slots.to(device=view.k_fp16.device, dtype=torch.int64).reshape(-1)
     n, heads, dim = slots.numel(), view.k_fp16.shape[1], view.k_fp16.shape[2]
-    k = torch.empty(n, heads, dim, dtype=torch.float32, device=view.k_fp16.device)
+    k = torch.empty(n, heads, dim, dtype=dtype, device=view.k_fp16.device)
     v = torch.empty_like(k)
     is_fp = slots < view.warm_base
-    k[is_fp], v[is_fp] = view.k_fp16[slots[is_fp]].float(), view.v_fp16[slots[is_fp]].float()
+    k[is_fp], v[is_fp] = view.k_fp16[slots[is_fp]].to(dtype), view.v_fp16[slots[is_fp]].to(dtype)
     for store, lo, hi in ((view.warm, view.warm_base, view.cold_base), (view.cold, view.cold_base, None)):
         sel = (slots >= lo) & (slots < hi) if hi is not None else slots >= lo
         if store is None or not bool(sel.any()):
@@ -74,5 +78,5 @@ def gather_kv(view: TieredLayerKV, slots: torch.Tensor) -> tuple[torch.Tensor, t
         pk = pk + view.k_center[None]
         if view.rotation is not None:
             pk, pv = pk @ view.rotation.T, pv @ view.rotation.T
-        k[sel], v[sel] = pk, pv
+        k[sel], v[sel] = pk.to(dtype), pv.to(dtype)
     return k, v

@@ -1,0 +1,209 @@
+"""Where does the compression error come from? Per-layer / per-head / K-vs-V sensitivity on a real model
+(``python -m fade_sglang.eval.sensitivity``).
+
+A diagnostic, not a quality claim: it runs the model in HF transformers (float32) on the document-QA
+conversations of :mod:`.doc_qa`, prefills turn 1 (report + question + the full-precision answer), and
+replaces the cached K/V of the history (all but the attention sinks) by what fade's own store gives back
+after demotion: the real :class:`~fade_sglang.pool.tiered_store.TieredKVStore` (same quantizer,
+rotation, key centering, clip search, bytes), applied to a chosen subset of layers, heads, K or V. It then
+teacher-forces the next question and its full-precision answer and reports the NLL delta (nats/token)
+and how often the argmax token flips. Quality claims come from :mod:`.doc_qa` (real SGLang servers
+reading the compressed pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..config import FadeConfig
+from ..pool.layout import Tier
+from ..pool.tiered_store import TieredKVStore
+from ..pool.view import gather_kv
+from . import doc_qa
+from .real_model import ensure_smollm2
+
+__all__ = ["Variant", "Conversation", "run_variants", "main"]
+
+ANSWER_TOKENS = 40
+
+
+def _say(msg: str) -> None:
+    print(f"[sensitivity {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Compress the history with ``config``'s ``tier`` format on ``layers`` (None: all), ``heads`` (None:
+    all), and ``parts`` ("kv", "k" or "v"); everything else stays full precision."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    tier: str = "warm"
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    parts: str = "kv"
+
+    def config(self, base: FadeConfig) -> FadeConfig:
+        return base.with_overrides(dict(self.overrides)) if self.overrides else base
+
+
+@dataclass
+class Conversation:
+    history: list[int]  # turn 1 prompt + its answer
+    follow_ups: list[tuple[list[int], list[int]]]  # (next-turn tokens, reference answer) per question
+
+
+@dataclass
+class VariantResult:
+    name: str
+    nll_delta: float  # mean over answer tokens, nats/token
+    flip_rate: float  # share of answer positions whose argmax differs from full precision
+    answers_with_flip: int
+    answers: int
+
+
+def _greedy(model: Any, ids: list[int], stop: set[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=list(stop) or None)
+    return [int(t) for t in out[0, len(ids):]]
+
+
+def build_conversations(model: Any, tok: Any, model_path: Path, docs: Sequence[doc_qa.Doc]) -> list[Conversation]:
+    stop = doc_qa._stop_ids(tok, model_path)
+    convs = []
+    for i, doc in enumerate(docs):
+        prompt = doc_qa.turn1_ids(tok, doc)
+        history = prompt + _greedy(model, prompt, stop, ANSWER_TOKENS)
+        follow = []
+        for q in doc.questions[1:]:
+            turn = doc_qa._turn_suffix(tok, q)
+            follow.append((turn, _greedy(model, history + turn, stop, ANSWER_TOKENS)))
+        convs.append(Conversation(history, follow))
+        _say(f"conversation {i + 1}/{len(docs)}: {len(history)} history tokens")
+    return convs
+
+
+def _prefill(model: Any, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+    cache = out.past_key_values
+    return [(layer.keys[0].clone(), layer.values[0].clone()) for layer in cache.layers]  # [H, T, D]
+
+
+def compress_history(kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: FadeConfig, variant: Variant,
+                     keep_first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """K/V per layer after positions ``keep_first..`` went through fade's store (demoted to the variant's tier)."""
+    layers = len(kv)
+    heads, n, dim = kv[0][0].shape
+    span = n - keep_first
+    store = TieredKVStore(2 * span + 64, torch.float32, heads, dim, layers, "cpu", fade_config=cfg)
+    slots = store.alloc(span)
+    for l, (k, v) in enumerate(kv):
+        store.write_kv(l, slots, k[:, keep_first:].transpose(0, 1), v[:, keep_first:].transpose(0, 1))
+    tier = Tier.WARM if variant.tier == "warm" else Tier.COLD
+    packed = store.demote(slots, tier)
+    out = []
+    for l, (k, v) in enumerate(kv):
+        if variant.layers is not None and l not in variant.layers:
+            out.append((k, v))
+            continue
+        qk, qv = (x.transpose(0, 1) for x in gather_kv(store.layer_view(l), packed))  # [H, span, D]
+        k2, v2 = k.clone(), v.clone()
+        heads_sel = list(variant.heads) if variant.heads is not None else list(range(heads))
+        if "k" in variant.parts:
+            k2[heads_sel, keep_first:] = qk[heads_sel]
+        if "v" in variant.parts:
+            v2[heads_sel, keep_first:] = qv[heads_sel]
+        out.append((k2, v2))
+    return out
+
+
+def _answer_logprobs(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], turn: list[int],
+                     answer: list[int]) -> torch.Tensor:
+    """Log-softmax over the vocabulary at each answer position, the history read from ``kv``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for l, (k, v) in enumerate(kv):
+        cache.update(k[None].clone(), v[None].clone(), l)
+    ids = turn + answer
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0]
+    return torch.log_softmax(logits[len(turn) - 1:len(ids) - 1].float(), -1)
+
+
+def run_variants(model: Any, convs: Sequence[Conversation], variants: Iterable[Variant], base: FadeConfig,
+                 keep_first: int) -> list[VariantResult]:
+    prefills = [_prefill(model, c.history) for c in convs]
+    refs = [[_answer_logprobs(model, kv, t, a) for t, a in c.follow_ups] for c, kv in zip(convs, prefills)]
+    results = []
+    for variant in variants:
+        cfg = variant.config(base)
+        nll_sum = flips = count = answers_flipped = answers = 0
+        for c, kv, ref in zip(convs, prefills, refs):
+            squeezed = compress_history(kv, cfg, variant, keep_first)
+            for (turn, answer), lp_ref in zip(c.follow_ups, ref):
+                lp = _answer_logprobs(model, squeezed, turn, answer)
+                target = torch.tensor(answer)[:, None]
+                nll_sum += float((lp_ref.gather(1, target) - lp.gather(1, target)).sum())
+                flipped = int((lp.argmax(-1) != lp_ref.argmax(-1)).sum())
+                flips += flipped
+                answers_flipped += flipped > 0
+                count += len(answer)
+                answers += 1
+        r = VariantResult(variant.name, nll_sum / count, flips / count, answers_flipped, answers)
+        _say(f"{r.name:<28} dNLL {r.nll_delta:+.4f}  flips {r.flip_rate:.3f} ({r.answers_with_flip}/{r.answers} answers)")
+        results.append(r)
+    return results
+
+
+def standard_variants(layers: int, heads: int, per_layer: bool, per_head: bool) -> list[Variant]:
+    vs = [Variant("int4 kv"), Variant("int4 k", parts="k"), Variant("int4 v", parts="v"),
+          Variant("int4 g32 kv", (("warm_group_size", 32),)),
+          Variant("int4 no-rotation", (("rotation", False),)),
+          Variant("int8 kv", (("warm_bits", 8),)),
+          Variant("int2 kv", tier="cold"), Variant("int2 k", tier="cold", parts="k"),
+          Variant("int2 v", tier="cold", parts="v")]
+    if per_layer:
+        vs += [Variant(f"int4 layer {l}", layers=(l,)) for l in range(layers)]
+    if per_head:
+        vs += [Variant(f"int4 head {h}", heads=(h,)) for h in range(heads)]
+    return vs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fade_sglang.eval.sensitivity", description=__doc__.split("\n")[0])
+    ap.add_argument("--model-path", type=Path, default=None, help="HF directory (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--doc-tokens", type=int, default=1400)
+    ap.add_argument("--preset", default="safe")
+    ap.add_argument("--per-layer", action="store_true")
+    ap.add_argument("--per-head", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = args.model_path or ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    base = FadeConfig.from_preset(args.preset).with_overrides({"tier_max_share": {"warm": 1.0, "cold": 1.0}})
+    docs = doc_qa.make_docs(tok, args.docs, args.doc_tokens)
+    convs = build_conversations(model, tok, path, docs)
+    n_layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    results = run_variants(model, convs, standard_variants(n_layers, heads, args.per_layer, args.per_head), base,
+                           base.sink_tokens)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The sensitivity diagnostic compresses exactly the part of the history it names, through fade's store."""
+
+from __future__ import annotations
+
+import torch
+
+from fade_sglang.config import FadeConfig
+from fade_sglang.eval.sensitivity import Variant, compress_history, standard_variants
+from fade_sglang.eval.synthetic import synthetic_kv
+
+
+def _history(layers: int = 3, heads: int = 2, n: int = 80, dim: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for l in range(layers):
+        k, v = synthetic_kv(n, heads, dim, seed=l)
+        out.append((k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()))  # [H, T, D] as HF caches
+    return out
+
+
+def test_compress_history_touches_only_the_named_layer_part_and_heads():
+    kv = _history()
+    cfg = FadeConfig.from_preset("safe")
+    out = compress_history(kv, cfg, Variant("v of layer 1 head 0", layers=(1,), heads=(0,), parts="v"), keep_first=16)
+    for l, ((k, v), (k2, v2)) in enumerate(zip(kv, out)):
+        assert torch.equal(k, k2)
+        if l != 1:
+            assert torch.equal(v, v2)
+    v, v2 = kv[1][1], out[1][1]
+    assert torch.equal(v[:, :16], v2[:, :16])  # sinks stay exact
+    assert torch.equal(v[1], v2[1])  # other head untouched
+    err = float((v2[0, 16:] - v[0, 16:]).norm() / v[0, 16:].norm())
+    assert 1e-3 < err < 0.2  # really quantized (INT4), and close
+
+
+def test_int2_is_coarser_than_int4_and_int8_finer():
+    kv = _history(layers=1)
+    cfg = FadeConfig.from_preset("balanced")
+    errs = {}
+    for variant in (Variant("int8", (("warm_bits", 8),)), Variant("int4"), Variant("int2", tier="cold")):
+        (k2, _), = compress_history(kv, variant.config(cfg), variant, keep_first=16)
+        errs[variant.name] = float((k2 - kv[0][0]).norm() / kv[0][0].norm())
+    assert errs["int8"] < errs["int4"] / 8 and errs["int4"] < errs["int2"] / 2
+    assert len(standard_variants(30, 3, per_layer=True, per_head=True)) == 9 + 30 + 3
