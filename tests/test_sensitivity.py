@@ -30,6 +30,10 @@ def test_compress_history_touches_only_the_named_layer_part_and_heads():
     assert torch.equal(v[1], v2[1])  # other head untouched
     err = float((v2[0, 16:] - v[0, 16:]).norm() / v[0, 16:].norm())
     assert 1e-3 < err < 0.2  # really quantized (INT4), and close
+    # A layer quantized alone gets exactly the values it gets when every layer is quantized.
+    alone = compress_history(kv, cfg, Variant("layer 1", layers=(1,)), keep_first=16)[1]
+    together = compress_history(kv, cfg, Variant("all"), keep_first=16)[1]
+    assert torch.equal(alone[0], together[0]) and torch.equal(alone[1], together[1])
 
 
 def test_int2_is_coarser_than_int4_and_int8_finer():

@@ -99,29 +99,29 @@ def _prefill(model: Any, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tenso
 
 def compress_history(kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: FadeConfig, variant: Variant,
                      keep_first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """K/V per layer after positions ``keep_first..`` went through fade's store (demoted to the variant's tier)."""
-    layers = len(kv)
+    """K/V per layer after positions ``keep_first..`` went through fade's store (demoted to the variant's tier).
+
+    Only the variant's layers are quantized (centers and scales are per layer, so a store over just those
+    layers gives the same values as one over all of them)."""
+    selected = list(variant.layers) if variant.layers is not None else list(range(len(kv)))
     heads, n, dim = kv[0][0].shape
+    heads_sel = list(variant.heads) if variant.heads is not None else list(range(heads))
     span = n - keep_first
-    store = TieredKVStore(2 * span + 64, torch.float32, heads, dim, layers, "cpu", fade_config=cfg)
+    store = TieredKVStore(2 * span + 64, torch.float32, heads, dim, len(selected), "cpu", fade_config=cfg)
     slots = store.alloc(span)
-    for l, (k, v) in enumerate(kv):
-        store.write_kv(l, slots, k[:, keep_first:].transpose(0, 1), v[:, keep_first:].transpose(0, 1))
-    tier = Tier.WARM if variant.tier == "warm" else Tier.COLD
-    packed = store.demote(slots, tier)
-    out = []
-    for l, (k, v) in enumerate(kv):
-        if variant.layers is not None and l not in variant.layers:
-            out.append((k, v))
-            continue
-        qk, qv = (x.transpose(0, 1) for x in gather_kv(store.layer_view(l), packed))  # [H, span, D]
-        k2, v2 = k.clone(), v.clone()
-        heads_sel = list(variant.heads) if variant.heads is not None else list(range(heads))
+    for i, l in enumerate(selected):
+        k, v = kv[l]
+        store.write_kv(i, slots, k[:, keep_first:].transpose(0, 1), v[:, keep_first:].transpose(0, 1))
+    packed = store.demote(slots, Tier.WARM if variant.tier == "warm" else Tier.COLD)
+    out = list(kv)
+    for i, l in enumerate(selected):
+        qk, qv = (x.transpose(0, 1) for x in gather_kv(store.layer_view(i), packed))  # [H, span, D]
+        k2, v2 = kv[l][0].clone(), kv[l][1].clone()
         if "k" in variant.parts:
             k2[heads_sel, keep_first:] = qk[heads_sel]
         if "v" in variant.parts:
             v2[heads_sel, keep_first:] = qv[heads_sel]
-        out.append((k2, v2))
+        out[l] = (k2, v2)
     return out
 
 
