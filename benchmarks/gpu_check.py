@@ -310,7 +310,8 @@ class StoreCase:
     path). Any tier mix of a request is then a choice of slot per token.
     """
 
-    def __init__(self, lens: list[int], kv_heads: int, head_dim: int, dtype, device: str, seed: int = 0):
+    def __init__(self, lens: list[int], kv_heads: int, head_dim: int, dtype, device: str, seed: int = 0,
+                 key_bits: tuple[int, int] = (0, 0)):
         import torch
 
         from fade_sglang.config import FadeConfig
@@ -320,7 +321,8 @@ class StoreCase:
 
         n = sum(lens)
         self.lens, self.n, self.device = lens, n, device
-        cfg = FadeConfig()  # INT4 + INT2 sharing the arena with fp16; defaults: rotation, centering, clip
+        # INT4 + INT2 sharing the arena with fp16 (keys at ``key_bits``, 0 = as values); rotation, centering, clip
+        cfg = FadeConfig(warm_key_bits=key_bits[0], cold_key_bits=key_bits[1])
         # The three fp16 copies at once, plus free pages for the packed records a demotion writes before it
         # frees the fp16 rows it read (the tiers share the arena's pages).
         size = 4 * n + 64
@@ -405,6 +407,7 @@ def correctness(dname: str, cfg: argparse.Namespace, report: Report, budget: Bud
     from fade_sglang import kernels as K
     from fade_sglang.attention import decode_attention_ref, extend_attention_ref
     from fade_sglang.eval.synthetic import correlated_queries, synthetic_kv
+    from fade_sglang.pool.view import PackedPart
     from fade_sglang.quant import QuantFormat, dequantize, quantize, unpack_codes
 
     dtype, device, tol = _dtype(dname), cfg.device, ATTN_TOL[dname]
@@ -490,6 +493,19 @@ def correctness(dname: str, cfg: argparse.Namespace, report: Report, budget: Bud
 
         case("extend", f"{scheme}-prefix", run_extend)
 
+    # Keys at more bits than values (the presets' k8v4 warm / k4v2 cold tiers: key codes in two pieces).
+    def run_split_keys() -> dict[str, Any]:
+        sk = StoreCase(cfg.lens, hkv, d, dtype, device, seed=1, key_bits=(8, 4))
+        idx = sk.indices("shuffled", seed=5)
+        out = K.decode_attention(q, sk.view, sk.indptr, idx, scale)
+        res = attn_result(out, decode_attention_ref(q.float(), sk.view, sk.indptr, idx, scale))
+        ext = K.extend_attention(qe, kn, vn, sk.view, qo, sk.indptr, idx, scale)
+        err = _rel(ext, extend_attention_ref(qe.float(), kn, vn, sk.view, qo, sk.indptr, idx, scale))
+        res.update(passed=res["passed"] and err < tol and bool(torch.isfinite(ext).all()), extend_max_rel=err)
+        return res
+
+    case("decode+extend", "k8v4-k4v2-shuffled", run_split_keys)
+
     # Quantize: the kernel twin of fade_sglang.quant.quantize on synthetic K (outliers) and V in this dtype.
     xk, xv = synthetic_kv(cfg.quant_tokens, hkv, d, seed=17)
     xq = torch.stack((xk, xv)).to(device, dtype)
@@ -537,12 +553,12 @@ def correctness(dname: str, cfg: argparse.Namespace, report: Report, budget: Bud
         x[:, 0] -= st.k_center[:, None]
         want = quantize(x, fmt)
         n = src_rows.numel()
-        shape = (1, 2, n, hkv)
-        data = torch.zeros(*shape, fmt.packed_dim(d), dtype=torch.uint8, device=device)
-        sc_ = torch.zeros(*shape, fmt.num_groups(d), dtype=torch.float16, device=device)
-        zr = torch.zeros_like(sc_)
-        K.quantize_rows(st.kv_fp16, data, sc_, zr, torch.arange(n, device=device), fmt, src_rows=src_rows,
-                        rotation=st.rotation, k_center=st.k_center)
+        got = [PackedPart.zeros(fmt, 1, n, hkv, d, device) for _ in range(2)]
+        for kv, part in enumerate(got):
+            K.quantize_rows(st.kv_fp16[:, kv], part, torch.arange(n, device=device), src_rows=src_rows,
+                            rotation=st.rotation, k_center=st.k_center if kv == 0 else None)
+        data = torch.stack([p.data for p in got], 1)  # [1, 2, n, H, X] like the reference
+        sc_, zr = torch.stack([p.scale for p in got], 1), torch.stack([p.zero for p in got], 1)
         cg, cw = unpack_codes(data, 4).int(), unpack_codes(want.data, 4).int()
         diff = (cg - cw).abs()
         close = all(torch.allclose(a.float(), b.float(), rtol=2e-3, atol=1e-4) for a, b in ((sc_, want.scale),

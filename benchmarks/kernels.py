@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from fade_sglang.pool.view import PackedLayerKV, TieredLayerKV
+from fade_sglang.pool.view import PackedLayerKV, PackedPart, TieredLayerKV
 from fade_sglang.quant import QuantFormat, rotation_matrix
 
 SINKS, RECENT, WARM_SHARE = 16, 128, 0.7
@@ -58,11 +58,15 @@ class Row:
 
 
 def _packed(rows: int, heads: int, d: int, fmt: QuantFormat, base: int, device: str) -> PackedLayerKV:
-    g = fmt.group_size_for(d)
-    data = torch.randint(0, 256, (2, rows, heads, fmt.packed_dim(d)), dtype=torch.uint8, device=device)
-    scale = (torch.rand(2, rows, heads, d // g, device=device) * 0.1 + 0.01).half()
-    zero = (torch.randn(2, rows, heads, d // g, device=device) * 0.1 - 0.5).half()
-    return PackedLayerKV(data[0], scale[0], zero[0], data[1], scale[1], zero[1], base, fmt.bits, g)
+    """Random codes and plausible scales / zeros; keys and values in ``fmt``."""
+    parts = []
+    for _ in range(2):
+        p = PackedPart.zeros(fmt, 1, rows, heads, d, device)
+        p.data.random_(0, 256)
+        p.scale.copy_(torch.rand_like(p.scale, dtype=torch.float32) * 0.1 + 0.01)
+        p.zero.copy_(torch.randn_like(p.zero, dtype=torch.float32) * 0.1 - 0.5)
+        parts.append(p.layer(0))
+    return PackedLayerKV(parts[0], parts[1], base)
 
 
 def build_view(tokens: int, kv_heads: int, d: int, dtype: torch.dtype, device: str) -> TieredLayerKV:
@@ -387,10 +391,8 @@ def compile_only(args: argparse.Namespace) -> list[dict]:
     launch_extend(torch.zeros(8, hq, d, dtype=dtype), kn, kn, view, indptr, part, 0.1,
                   torch.empty(8, hq, d, dtype=dtype), 4)
     for fmt in (QuantFormat(4, 64, True), QuantFormat(2, 32, True)):
-        st = torch.zeros(1, 2, 8, hkv, fmt.num_groups(d), dtype=torch.float16)
-        launch_quantize(torch.zeros(1, 2, 8, hkv, d, dtype=dtype), torch.arange(4),
-                        torch.zeros(1, 2, 8, hkv, fmt.packed_dim(d), dtype=torch.uint8), st, st.clone(),
-                        torch.arange(4), fmt, view.rotation, torch.zeros(1, hkv, d))
+        launch_quantize(torch.zeros(1, 8, hkv, d, dtype=dtype), torch.arange(4), PackedPart.zeros(fmt, 1, 8, hkv, d, "cpu"),
+                        torch.arange(4), view.rotation, torch.zeros(1, hkv, d))
     failed = [r for r in report if "error" in r]
     if failed:
         raise SystemExit(f"{len(failed)} kernel(s) failed to compile for sm_{args.compile_only}")

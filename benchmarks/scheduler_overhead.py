@@ -110,9 +110,9 @@ class SimClock:
 def simulated_time(clock: SimClock) -> Iterator[None]:
     import sglang.srt.mem_cache.radix_cache as sgl_radix
 
-    from fade_sglang.patches import radix_cache, scheduler_hooks
+    from fade_sglang.patches import radix_cache
 
-    mods = (sgl_radix, radix_cache, scheduler_hooks)
+    mods = (sgl_radix, radix_cache)
     saved = [m.time for m in mods]
     for m in mods:
         m.time = clock
@@ -255,6 +255,7 @@ def build_sim(scale: Scale, seed: int, clock: SimClock) -> tuple[Any, Workload, 
 
     from fade_sglang.config import FadeConfig
     from fade_sglang.pool.tiered_store import tier_bytes_per_token
+    from fade_sglang.radix.clock import StepClock
     from test_radix_property import Sim
 
     geometry = (1, 32, 1)  # heads, head_dim, layers: tiny KV, the bookkeeping does not depend on it
@@ -266,6 +267,7 @@ def build_sim(scale: Scale, seed: int, clock: SimClock) -> tuple[Any, Workload, 
     total_bytes = sum(int(tokens * share) * b for share, b in zip((0.45, 0.6, 0.6), bpt))
     size = -(-total_bytes // bpt[0])  # fp16 tokens of the same bytes: the pool's size
     sim = Sim(cfg, size=size, rows=scale.running + 16, ctx=CTX, geometry=geometry, verify=False)
+    sim.cache.clock = StepClock(lambda: clock.now)  # the scheduler hook ticks it: simulated time too
     work = Workload(sim, clock, seed, n_sys=max(4, scale.nodes // 400))
     nodes = work.build(scale.nodes)
     for _ in range(scale.running):

@@ -47,6 +47,10 @@ class FadeConfig:
     warm_group_size: int = 64
     cold_bits: int = 2
     cold_group_size: int = 32
+    # Keys carry most of the quantization error on real models (benchmarks/RESULTS.md, sensitivity):
+    # a tier may give them more bits than its values. 0 = the tier's bits.
+    warm_key_bits: int = 0
+    cold_key_bits: int = 0
     rotation: bool = True  # fixed randomized Hadamard over head_dim (K, q, V; output un-rotated)
     rotation_seed: int = 0
     center_keys: bool = True  # subtract a per-(layer, head) key mean frozen at first demotion
@@ -88,6 +92,12 @@ class FadeConfig:
             v = getattr(self, knob)
             need(v in SUPPORTED_BITS and not isinstance(v, bool), knob, f"must be one of {SUPPORTED_BITS}, got {v!r}")
         need(self.cold_bits <= self.warm_bits, "cold_bits", f"({self.cold_bits}) must not exceed warm_bits ({self.warm_bits})")
+        for knob in ("warm_key_bits", "cold_key_bits"):
+            v = getattr(self, knob)
+            need((v == 0 or v in SUPPORTED_BITS) and not isinstance(v, bool), knob,
+                 f"must be 0 (= the tier's bits) or one of {SUPPORTED_BITS}, got {v!r}")
+        need(self.key_bits[1] <= self.key_bits[0], "cold_key_bits",
+             f"(keys: {self.key_bits[1]}) must not exceed the warm tier's key bits ({self.key_bits[0]})")
         for knob in ("warm_group_size", "cold_group_size"):
             v = getattr(self, knob)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, knob, f"must be a positive integer, got {v!r}")
@@ -128,15 +138,33 @@ class FadeConfig:
         return self.warm_enabled or self.cold_enabled
 
     @property
+    def key_bits(self) -> tuple[int, int]:
+        """Bits of the keys in the (warm, cold) tier."""
+        return (self.warm_key_bits or self.warm_bits, self.cold_key_bits or self.cold_bits)
+
+    @property
     def warm_format(self) -> QuantFormat:
+        """The warm tier's value format (its keys: :attr:`warm_key_format`)."""
         return QuantFormat(self.warm_bits, self.warm_group_size, self.clip_search)
 
     @property
     def cold_format(self) -> QuantFormat:
+        """The cold tier's value format (its keys: :attr:`cold_key_format`)."""
         return QuantFormat(self.cold_bits, self.cold_group_size, self.clip_search)
 
+    @property
+    def warm_key_format(self) -> QuantFormat:
+        return QuantFormat(self.key_bits[0], self.warm_group_size, self.clip_search)
+
+    @property
+    def cold_key_format(self) -> QuantFormat:
+        return QuantFormat(self.key_bits[1], self.cold_group_size, self.clip_search)
+
     def tier_display_names(self) -> tuple[str, str, str]:
-        return ("fp16", f"int{self.warm_bits}", f"int{self.cold_bits}")
+        def name(key: int, value: int) -> str:
+            return f"int{value}" if key == value else f"k{key}v{value}"
+
+        return ("fp16", name(self.key_bits[0], self.warm_bits), name(self.key_bits[1], self.cold_bits))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -220,14 +248,17 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     return text
 
 
+# Presets follow what the real model measured (benchmarks/RESULTS.md, SmolLM2 sensitivity, NLL of reference answers
+# with the history in one format, nats/token): k8v4 +0.002, INT4 +0.040 (group 64) / +0.023 (group 32),
+# k4v2 +0.103, INT2 +0.625. Keys carry the error, so every preset spends its bits on keys first.
 PRESETS: dict[str, dict[str, Any]] = {
-    # fp16 sinks + recent window, INT4 for everything else; no INT2.
-    "safe": dict(sink_tokens=16, recent_window=256, tier_max_share={"warm": 1.0, "cold": 0.0},
+    # fp16 sinks + recent window, 8-bit keys / 4-bit values for everything else (2.5x vs 16-bit KV); no cold tier.
+    "safe": dict(sink_tokens=16, recent_window=256, warm_key_bits=8, tier_max_share={"warm": 1.0, "cold": 0.0},
                  warm_idle_seconds=10.0, cold_idle_seconds=3600.0),
-    # INT4 bulk plus INT2 for aged / cold branches.
-    "balanced": dict(sink_tokens=16, recent_window=128, tier_max_share={"warm": 1.0, "cold": 1.0},
-                     warm_idle_seconds=5.0, cold_idle_seconds=60.0),
-    # Short fp16 windows, fast aging to INT2.
-    "aggressive": dict(sink_tokens=8, recent_window=64, tier_max_share={"warm": 1.0, "cold": 1.0},
+    # k8v4 bulk; branches idle for a minute go to INT4 (group 32: 3.2x vs 16-bit KV).
+    "balanced": dict(sink_tokens=16, recent_window=128, warm_key_bits=8, cold_bits=4, cold_key_bits=4,
+                     tier_max_share={"warm": 1.0, "cold": 1.0}, warm_idle_seconds=5.0, cold_idle_seconds=60.0),
+    # Short fp16 windows, INT4 bulk, fast aging to 4-bit keys / 2-bit values (4x vs 16-bit KV).
+    "aggressive": dict(sink_tokens=8, recent_window=64, cold_key_bits=4, tier_max_share={"warm": 1.0, "cold": 1.0},
                        warm_idle_seconds=1.0, cold_idle_seconds=10.0),
 }

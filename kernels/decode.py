@@ -137,11 +137,28 @@ def load_fp_tile(ptr, rows, valid, head, stride_row, stride_head, D: tl.constexp
 
 
 @triton.jit
-def load_packed_tile(data_ptr, scale_ptr, zero_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
-                     BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def load_codes(data_ptr, data_b_ptr, rows, mask, head, j, d_srow, SPLIT: tl.constexpr, DP: tl.constexpr):
+    """Packed code bytes ``j`` ([1, W] byte indices < DP) of ``rows`` of one head, as int32 (masked: 0).
+
+    Bytes ``j < SPLIT`` live in ``data`` ([rows, H, SPLIT] blocks), the rest in ``data_b`` ([rows, H, DP - SPLIT]):
+    keys with more bits than values spill into the value half of the record (see ``PackedRecordLayout``)."""
+    row_off = rows[:, None] * d_srow
+    if SPLIT == DP:
+        raw = tl.load(data_ptr + row_off + head * DP + j, mask=mask, other=0)
+    else:
+        raw = tl.load(data_ptr + row_off + head * SPLIT + j, mask=mask & (j < SPLIT), other=0)
+        raw += tl.load(data_b_ptr + row_off + head * (DP - SPLIT) + (j - SPLIT), mask=mask & (j >= SPLIT), other=0)
+    return raw.to(tl.int32)
+
+
+@triton.jit
+def load_packed_tile(data_ptr, data_b_ptr, scale_ptr, zero_ptr, rows, valid, head, d_srow, s_srow,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
+                     N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Dequantized float32 [N, BLOCK_D] tile (packed space: rotated, K still centered) of rows ``rows``, one head.
 
+    Every tensor is [rows, H, X] with contiguous [H, X] blocks: ``d_srow`` / ``s_srow`` are the row strides
+    of the code bytes and of the fp16 scale / zero (head strides follow from the format).
     Planar packing: byte j holds channel j + p * D / P in bits [p * BITS, (p + 1) * BITS),
     so the P shifted copies of the byte tile, stacked on a new middle axis, are already
     in channel order (no interleave): they reshape to [N, groups, GROUP] for the
@@ -163,23 +180,23 @@ def load_packed_tile(data_ptr, scale_ptr, zero_ptr, rows, valid, head, d_srow, d
     NGP: tl.constexpr = BLOCK_D // GT
     MASK: tl.constexpr = (1 << BITS) - 1
     if BLOCK_D == D:
-        raw = tl.load(data_ptr + rows[:, None] * d_srow + head * d_shead + tl.arange(0, DP)[None, :],
-                      mask=valid[:, None], other=0).to(tl.int32)
+        raw = load_codes(data_ptr, data_b_ptr, rows, valid[:, None], head, tl.arange(0, DP)[None, :], d_srow,
+                         SPLIT, DP)
         if PER_BYTE > 1:
             shifts = tl.arange(0, PER_BYTE) * BITS
             raw = (raw[:, None, :] >> shifts[None, :, None]) & MASK  # [N, P, DP]: channel p * DP + j
         s_mask = valid[:, None]
     else:
         c = tl.arange(0, BLOCK_D)
-        raw = tl.load(data_ptr + rows[:, None] * d_srow + head * d_shead + (c % DP)[None, :],
-                      mask=valid[:, None] & (c < D)[None, :], other=0).to(tl.int32)
+        raw = load_codes(data_ptr, data_b_ptr, rows, valid[:, None] & (c < D)[None, :], head, (c % DP)[None, :],
+                         d_srow, SPLIT, DP)
         if PER_BYTE > 1:
             raw = (raw >> ((c // DP) * BITS)[None, :]) & MASK  # [N, BLOCK_D]: channel c
         s_mask = valid[:, None] & (tl.arange(0, NGP) < NG)[None, :]
     # Channel order is row-major in both views, so [N, P, DP] -> [N, NG, GROUP] is a pure reshape.
     codes = tl.reshape(raw, [N, NGP, GT])
     codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    s_offs = (rows * s_srow + head * s_shead)[:, None] + tl.arange(0, NGP)[None, :]
+    s_offs = (rows * s_srow + head * NG)[:, None] + tl.arange(0, NGP)[None, :]
     scale = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
     zero = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
     return tl.reshape(codes * scale[:, :, None] + zero[:, :, None], [N, BLOCK_D])
@@ -219,25 +236,28 @@ def attend_fp_range(q, m_i, l_i, acc, idx_ptr, lo, hi, k_ptr, v_ptr, head, k_sro
 
 @triton.jit
 def attend_packed_range(q_rot, q_c, m_i, l_i, acc, idx_ptr, lo, hi, base,
-                        kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, head, d_srow, d_shead, s_srow, s_shead,
-                        qk_scale, BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                        ka_ptr, kb_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, head, d_srow, s_srow,
+                        qk_scale, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_SPLIT: tl.constexpr,
+                        V_BITS: tl.constexpr, V_GROUP: tl.constexpr, D: tl.constexpr,
                         BLOCK_N: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online softmax of rotated queries q_rot [M, BLOCK_D] (dot dtype) over packed slots idx[lo:hi] of one tier.
 
-    ``q_c [M]`` is q_rot . k_center (float32). ``acc`` accumulates in the rotated space.
+    ``q_c [M]`` is q_rot . k_center (float32). ``acc`` accumulates in the rotated space. Keys and values
+    have their own format (keys may carry more bits); the key codes may be split (``K_SPLIT``).
     """
+    V_SPLIT: tl.constexpr = D * V_BITS // 8
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         valid = offs < hi
         rows = tl.load(idx_ptr + offs, mask=valid, other=base).to(tl.int64) - base
-        k = load_packed_tile(kd_ptr, ks_ptr, kz_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
-                             BITS, GROUP, D, BLOCK_N, BLOCK_D)
+        k = load_packed_tile(ka_ptr, kb_ptr, ks_ptr, kz_ptr, rows, valid, head, d_srow, s_srow,
+                             K_BITS, K_GROUP, K_SPLIT, D, BLOCK_N, BLOCK_D)
         qk = tl.dot(q_rot, tl.trans(k.to(q_rot.dtype)), input_precision=PREC)
         qk = (qk + q_c[:, None]) * qk_scale
         qk = tl.where(valid[None, :], qk, float("-inf"))
         p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i)
-        v = load_packed_tile(vd_ptr, vs_ptr, vz_ptr, rows, valid, head, d_srow, d_shead, s_srow, s_shead,
-                             BITS, GROUP, D, BLOCK_N, BLOCK_D)
+        v = load_packed_tile(vd_ptr, vd_ptr, vs_ptr, vz_ptr, rows, valid, head, d_srow, s_srow,
+                             V_BITS, V_GROUP, V_SPLIT, D, BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(q_rot.dtype), v.to(q_rot.dtype), input_precision=PREC)
     return m_i, l_i, acc
 
@@ -310,19 +330,20 @@ def split_spans(lo, hi, n_f, n_w, n_c, cost_f, cost_w, cost_c):
 @triton.jit
 def _decode_stage1(
     Q, QR, KF, VF,
-    KWd, KWs, KWz, VWd, VWs, VWz,
-    KCd, KCs, KCz, VCd, VCs, VCz,
+    KWa, KWb, KWs, KWz, VWd, VWs, VWz,
+    KCa, KCb, KCs, KCz, VCd, VCs, VCz,
     Center, Idx, TierPtr, MidF, MidR, MidL,
     stride_qb, stride_qh, stride_qrb, stride_qrh,
     kf_srow, kf_shead, vf_srow, vf_shead,
-    w_dsrow, w_dshead, w_ssrow, w_sshead,
-    c_dsrow, c_dshead, c_ssrow, c_sshead,
+    w_dsrow, w_ssrow, c_dsrow, c_ssrow,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
     warm_base, cold_base, num_splits, cost_fp, cost_warm, cost_cold, qk_scale,
     GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_NP: tl.constexpr,
-    HAS_WARM: tl.constexpr, WARM_BITS: tl.constexpr, WARM_GROUP: tl.constexpr,
-    HAS_COLD: tl.constexpr, COLD_BITS: tl.constexpr, COLD_GROUP: tl.constexpr,
+    HAS_WARM: tl.constexpr, WK_BITS: tl.constexpr, WK_GROUP: tl.constexpr, WK_SPLIT: tl.constexpr,
+    WV_BITS: tl.constexpr, WV_GROUP: tl.constexpr,
+    HAS_COLD: tl.constexpr, CK_BITS: tl.constexpr, CK_GROUP: tl.constexpr, CK_SPLIT: tl.constexpr,
+    CV_BITS: tl.constexpr, CV_GROUP: tl.constexpr,
     PREC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     HAS_PACKED: tl.constexpr = HAS_WARM or HAS_COLD
@@ -362,14 +383,14 @@ def _decode_stage1(
                                         KF.dtype.element_ty, BLOCK_D)
         if HAS_WARM:
             m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t1 + w_lo, t1 + w_hi,
-                                                  warm_base, KWd, KWs, KWz, VWd, VWs, VWz, kv_head,
-                                                  w_dsrow, w_dshead, w_ssrow, w_sshead, qk_scale,
-                                                  WARM_BITS, WARM_GROUP, D, BLOCK_NP, PREC, BLOCK_D)
+                                                  warm_base, KWa, KWb, KWs, KWz, VWd, VWs, VWz, kv_head,
+                                                  w_dsrow, w_ssrow, qk_scale, WK_BITS, WK_GROUP, WK_SPLIT,
+                                                  WV_BITS, WV_GROUP, D, BLOCK_NP, PREC, BLOCK_D)
         if HAS_COLD:
             m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t2 + c_lo, t2 + c_hi,
-                                                  cold_base, KCd, KCs, KCz, VCd, VCs, VCz, kv_head,
-                                                  c_dsrow, c_dshead, c_ssrow, c_sshead, qk_scale,
-                                                  COLD_BITS, COLD_GROUP, D, BLOCK_NP, PREC, BLOCK_D)
+                                                  cold_base, KCa, KCb, KCs, KCz, VCd, VCs, VCz, kv_head,
+                                                  c_dsrow, c_ssrow, qk_scale, CK_BITS, CK_GROUP, CK_SPLIT,
+                                                  CV_BITS, CV_GROUP, D, BLOCK_NP, PREC, BLOCK_D)
 
     store_partial(m_f, l_f, acc_f, m_p, l_p, acc_p, MidF, MidR, MidL,
                   b * stride_mb + heads * stride_mh + split * stride_ms,
@@ -535,7 +556,7 @@ def tier_cost(view: TieredLayerKV) -> tuple[int, int, int]:
     fp = 2 * d * view.k_fp16.element_size()
 
     def packed(p: PackedLayerKV | None) -> int:
-        return 1 if p is None else 2 * (d * p.bits // 8 + 4 * (d // p.group_size))
+        return 1 if p is None else p.key.fmt.bytes_per_token_head(d) + p.value.fmt.bytes_per_token_head(d)
 
     return fp, packed(view.warm), packed(view.cold)
 
@@ -546,12 +567,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def packed_args(p: PackedLayerKV | None, dummy: torch.Tensor) -> tuple:
+def packed_args(p: PackedLayerKV | None, dummy: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """(pointers, row strides, constexprs) of one packed tier for the attention kernels (see
+    :func:`tier_constexprs` for the constexprs' names)."""
     if p is None:
-        return (dummy,) * 6, (0, 0, 0, 0), (False, 2, 16)
-    return ((p.k_data, p.k_scale, p.k_zero, p.v_data, p.v_scale, p.v_zero),
-            (p.k_data.stride(0), p.k_data.stride(1), p.k_scale.stride(0), p.k_scale.stride(1)),
-            (True, p.bits, p.group_size))
+        return (dummy,) * 7, (0, 0), dict(K_BITS=2, K_GROUP=16, K_SPLIT=1, V_BITS=2, V_GROUP=16)
+    k, v = p.key, p.value
+    d = v.data.shape[-1] * v.fmt.codes_per_byte  # value codes are never split
+    return ((k.data, k.data if k.data_b is None else k.data_b, k.scale, k.zero, v.data, v.scale, v.zero),
+            (k.data.stride(0), k.scale.stride(0)),
+            dict(K_BITS=k.fmt.bits, K_GROUP=k.fmt.group_size_for(d), K_SPLIT=k.split,
+                 V_BITS=v.fmt.bits, V_GROUP=v.fmt.group_size_for(d)))
+
+
+def tier_constexprs(prefix: str, p: PackedLayerKV | None, meta: dict) -> dict:
+    """Kernel constexprs of one tier: ``HAS_WARM`` and ``WK_BITS`` ... for prefix ``W`` (``C``: cold)."""
+    out = {("HAS_WARM" if prefix == "W" else "HAS_COLD"): p is not None}
+    out.update({f"{prefix}{k}": val for k, val in meta.items()})
+    return out
 
 
 def rotate_queries(q: torch.Tensor, view: TieredLayerKV, out: torch.Tensor) -> torch.Tensor:
@@ -614,8 +647,7 @@ def launch_decode(q: torch.Tensor, view: TieredLayerKV, partition: TierPartition
         ws.mid_fp.stride(0), ws.mid_fp.stride(1), ws.mid_fp.stride(2), ws.mid_lse.stride(0), ws.mid_lse.stride(1),
         view.warm_base, view.cold_base, num_kv_splits, cost[0], cost[1], cost[2], sm_scale * LOG2E,
         GROUP=group, HEAD_TILES=head_tiles, BLOCK_H=block_h, D=d, BLOCK_N=_BLOCK_N_FP, BLOCK_NP=block_np,
-        HAS_WARM=w_meta[0], WARM_BITS=w_meta[1], WARM_GROUP=w_meta[2],
-        HAS_COLD=c_meta[0], COLD_BITS=c_meta[1], COLD_GROUP=c_meta[2],
+        **tier_constexprs("W", view.warm, w_meta), **tier_constexprs("C", view.cold, c_meta),
         PREC=dot_precision(view.k_fp16.dtype), BLOCK_D=bd,
         num_warps=4 if block_h <= 32 else 8, num_stages=2,
     )

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fade_sglang.pool.view import PackedLayerKV, TieredLayerKV
+from fade_sglang.pool.view import PackedLayerKV, PackedPart, TieredLayerKV
 from fade_sglang.quant import QuantFormat, QuantizedKV
 
 from .decode import (
@@ -22,7 +22,7 @@ from .decode import partition_by_tier as _partition
 from .extend import launch_extend
 from .quantize import launch_quantize
 
-__all__ = ["decode_attention", "extend_attention", "partition_by_tier", "quantize", "quantize_rows"]
+__all__ = ["decode_attention", "extend_attention", "packed_part", "partition_by_tier", "quantize", "quantize_rows"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -58,26 +58,42 @@ def _check_tensor(name: str, t: torch.Tensor, device: torch.device, dim: int | N
         _fail(f"{name} must be contiguous in its last dimension")
 
 
-def _check_packed(name: str, p: PackedLayerKV, heads: int, head_dim: int, device: torch.device) -> None:
-    fmt = QuantFormat(p.bits, p.group_size)
+def _check_part(name: str, part: PackedPart, lead: tuple[int, ...], head_dim: int, device: torch.device) -> None:
+    """A packed part's tensors are ``[*lead, H, X]`` with contiguous ``[H, X]`` blocks (the kernels derive
+    head strides from the format); scale and zero share strides."""
+    fmt = part.fmt
+    fmt.check_head_dim(head_dim)
     group = fmt.group_size_for(head_dim)
     if group & (group - 1):
-        _fail(f"{name} tier group_size {group} must be a power of two")
-    fmt.check_head_dim(head_dim)
-    rows = p.k_data.shape[0]
-    for part in ("k", "v"):
-        data, scale, zero = (getattr(p, f"{part}_{x}") for x in ("data", "scale", "zero"))
-        _check_tensor(f"{name}.{part}_data", data, device, 3, (torch.uint8,))
-        if tuple(data.shape) != (rows, heads, fmt.packed_dim(head_dim)):
-            _fail(f"{name}.{part}_data has shape {tuple(data.shape)}, expected {(rows, heads, fmt.packed_dim(head_dim))}")
-        for sname, s in (("scale", scale), ("zero", zero)):
-            _check_tensor(f"{name}.{part}_{sname}", s, device, 3, (torch.float16,))
-            if tuple(s.shape) != (rows, heads, head_dim // group):
-                _fail(f"{name}.{part}_{sname} has shape {tuple(s.shape)}, expected {(rows, heads, head_dim // group)}")
-    # One set of strides per tier is passed to the kernels.
-    if p.k_data.stride()[:2] != p.v_data.stride()[:2] or not (
-            p.k_scale.stride()[:2] == p.v_scale.stride()[:2] == p.k_zero.stride()[:2] == p.v_zero.stride()[:2]):
-        _fail(f"{name} tier: K and V data (and all scale / zero) tensors must share strides")
+        _fail(f"{name} group_size {group} must be a power of two")
+    dp, split = fmt.packed_dim(head_dim), part.split
+    pieces = [("data", part.data, torch.uint8, split), ("scale", part.scale, torch.float16, head_dim // group),
+              ("zero", part.zero, torch.float16, head_dim // group)]
+    if split > dp:
+        _fail(f"{name}.data has shape {tuple(part.data.shape)}: more than the {dp} code bytes per head of "
+              f"{fmt.bits}-bit codes at head_dim {head_dim}")
+    if part.data_b is not None:
+        pieces.append(("data_b", part.data_b, torch.uint8, dp - split))
+    elif split != dp:
+        _fail(f"{name}.data holds {split} of {dp} code bytes per head and there is no data_b")
+    for pname, t, dtype, width in pieces:
+        _check_tensor(f"{name}.{pname}", t, device, len(lead) + 1, (dtype,))
+        if tuple(t.shape) != (*lead, width):
+            _fail(f"{name}.{pname} has shape {tuple(t.shape)}, expected {(*lead, width)}")
+        if t.numel() and t.stride(-2) != width:
+            _fail(f"{name}.{pname} must have contiguous [H, {width}] blocks")
+    if part.scale.stride() != part.zero.stride():
+        _fail(f"{name}.scale and zero must share strides")
+
+
+def _check_packed(name: str, p: PackedLayerKV, heads: int, head_dim: int, device: torch.device) -> None:
+    rows = p.key.data.shape[0]
+    for pname, part in (("key", p.key), ("value", p.value)):
+        _check_part(f"{name}.{pname}", part, (rows, heads), head_dim, device)
+    # One code-byte row stride and one scale row stride per tier are passed to the attention kernels.
+    data = [p.key.data, p.value.data] + ([p.key.data_b] if p.key.data_b is not None else [])
+    if len({t.stride(0) for t in data}) > 1 or p.key.scale.stride(0) != p.value.scale.stride(0):
+        _fail(f"{name} tier: K and V codes (and scales) must share their row strides (views of one record row)")
 
 
 def _check_view(view: TieredLayerKV, device: torch.device | None = None) -> tuple[int, int]:
@@ -241,49 +257,34 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     return launch_extend(q, k_new, v_new, view, qo_indptr, partition, float(sm_scale), out, int(max_extend_len))
 
 
-def quantize_rows(src: torch.Tensor, dst_data: torch.Tensor, dst_scale: torch.Tensor, dst_zero: torch.Tensor,
-                  dst_rows: torch.Tensor, fmt: QuantFormat, *, src_rows: torch.Tensor | None = None,
-                  rotation: torch.Tensor | None = None, k_center: torch.Tensor | None = None) -> None:
-    """Quantize a batch of tokens for all layers, K and V, in one launch, into a packed store.
+def quantize_rows(src: torch.Tensor, dst: PackedPart, dst_rows: torch.Tensor, *,
+                  src_rows: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+                  k_center: torch.Tensor | None = None) -> None:
+    """Quantize a batch of tokens for all layers of one part (keys or values) of a packed store, one launch.
 
-    ``src [L, 2, N, H, D]`` (any float dtype; dim 1 is K then V): token ``i``
-    is ``src[:, :, src_rows[i]]`` (``i`` itself when ``src_rows`` is None) and lands
-    in row ``dst_rows[i]`` of ``dst_data [L, 2, R, H, D * bits / 8]`` (uint8) and
-    ``dst_scale / dst_zero [L, 2, R, H, D / group]`` (fp16), i.e. a
-    :class:`PackedTierStore`'s tensors. Optional fusions: ``rotation [D, D]``
-    (``x @ R``) and ``k_center [L, H, D]`` (subtracted from K after rotating).
-    ``fmt.clip_search`` runs the clip search in the kernel. Exactness: see
-    :mod:`fade_sglang.kernels.quantize`.
+    ``src [L, N, H, D]`` (any float dtype): token ``i`` is ``src[:, src_rows[i]]`` (``i`` itself when
+    ``src_rows`` is None) and lands in row ``dst_rows[i]`` of ``dst`` (a :class:`PackedPart` whose tensors are
+    ``[L, R, H, X]``, e.g. ``PackedTierStore.key``) in ``dst.fmt``. Optional fusions: ``rotation [D, D]``
+    (``x @ R``) and ``k_center [L, H, D]`` (subtracted after rotating; keys only).
+    ``fmt.clip_search`` runs the clip search in the kernel. Exactness: see :mod:`fade_sglang.kernels.quantize`.
     """
-    device = dst_data.device
+    if not isinstance(dst, PackedPart):
+        _fail(f"dst must be a PackedPart, got {type(dst).__name__}")
+    device = dst.data.device
     _check_device(device)
-    _check_tensor("src", src, device, 5, _FLOAT_DTYPES)
-    layers, two, _, heads, head_dim = src.shape
-    if two != 2:
-        _fail(f"src dim 1 must be 2 (K, V), got shape {tuple(src.shape)}")
+    _check_tensor("src", src, device, 4, _FLOAT_DTYPES)
+    layers, _, heads, head_dim = src.shape
     if not supported_head_dim(head_dim):
         _fail(f"head_dim {head_dim} is not supported by the quantize kernel ({SUPPORTED_HEAD_DIMS})")
-    fmt.check_head_dim(head_dim)
-    group = fmt.group_size_for(head_dim)
-    if group & (group - 1):
-        _fail(f"group_size {group} must be a power of two")
-    _check_tensor("dst_data", dst_data, device, 5, (torch.uint8,))
-    rows = dst_data.shape[2]
-    if tuple(dst_data.shape) != (layers, 2, rows, heads, fmt.packed_dim(head_dim)):
-        _fail(f"dst_data has shape {tuple(dst_data.shape)}, expected {(layers, 2, rows, heads, fmt.packed_dim(head_dim))}")
-    for name, t in (("dst_scale", dst_scale), ("dst_zero", dst_zero)):
-        _check_tensor(name, t, device, 5, (torch.float16,))
-        if tuple(t.shape) != (layers, 2, rows, heads, head_dim // group):
-            _fail(f"{name} has shape {tuple(t.shape)}, expected {(layers, 2, rows, heads, head_dim // group)}")
-    if dst_scale.stride() != dst_zero.stride():
-        _fail("dst_scale and dst_zero must share strides")
+    rows = dst.data.shape[1] if dst.data.dim() == 4 else 0
+    _check_part("dst", dst, (layers, rows, heads), head_dim, device)
     _check_indptr("dst_rows", dst_rows, device)
     if dst_rows.numel() * heads >= 2**31:
         _fail(f"too many (token, head) rows in one call ({dst_rows.numel() * heads}); split the batch")
     if src_rows is not None:
         _check_indptr("src_rows", src_rows, device, dst_rows.numel())
-    elif src.shape[2] < dst_rows.numel():
-        _fail(f"src has {src.shape[2]} rows but {dst_rows.numel()} dst_rows (pass src_rows to gather)")
+    elif src.shape[1] < dst_rows.numel():
+        _fail(f"src has {src.shape[1]} rows but {dst_rows.numel()} dst_rows (pass src_rows to gather)")
     if rotation is not None:
         _check_tensor("rotation", rotation, device, 2, (torch.float32,))
         if tuple(rotation.shape) != (head_dim, head_dim) or not rotation.is_contiguous():
@@ -292,21 +293,23 @@ def quantize_rows(src: torch.Tensor, dst_data: torch.Tensor, dst_scale: torch.Te
         _check_tensor("k_center", k_center, device, 3, (torch.float32,))
         if tuple(k_center.shape) != (layers, heads, head_dim):
             _fail(f"k_center has shape {tuple(k_center.shape)}, expected {(layers, heads, head_dim)}")
-    launch_quantize(src, src_rows, dst_data, dst_scale, dst_zero, dst_rows, fmt, rotation, k_center)
+    launch_quantize(src, src_rows, dst, dst_rows, rotation, k_center)
+
+
+def packed_part(fmt: QuantFormat, layers: int, rows: int, heads: int, head_dim: int,
+                device: torch.device | str, split: int | None = None) -> PackedPart:
+    """A standalone zeroed :class:`PackedPart` ``[layers, rows, heads, X]`` (see :meth:`PackedPart.zeros`)."""
+    return PackedPart.zeros(fmt, layers, rows, heads, head_dim, device, split)
 
 
 def quantize(x: torch.Tensor, fmt: QuantFormat) -> QuantizedKV:
     """Kernel twin of :func:`fade_sglang.quant.quantize` for ``x [..., D]`` (bit-exact without clip search)."""
     d = x.shape[-1]
-    flat = x.reshape(1, 1, -1, 1, d)
-    n = flat.shape[2]
     fmt.check_head_dim(d)
     lead = x.shape[:-1]
-    data = torch.empty(1, 2, n, 1, fmt.packed_dim(d), dtype=torch.uint8, device=x.device)
-    scale = torch.empty(1, 2, n, 1, fmt.num_groups(d), dtype=torch.float16, device=x.device)
-    zero = torch.empty_like(scale)
-    # The kernel's grid covers (K, V): a stride-0 view feeds x as both (one wasted pass, fine for a helper).
-    src = flat.expand(1, 2, n, 1, d)
-    quantize_rows(src, data, scale, zero, torch.arange(n, device=x.device), fmt)
-    return QuantizedKV(data[0, 0, :, 0].reshape(*lead, -1), scale[0, 0, :, 0].reshape(*lead, -1),
-                       zero[0, 0, :, 0].reshape(*lead, -1))
+    flat = x.reshape(1, -1, 1, d)
+    n = flat.shape[1]
+    part = packed_part(fmt, 1, n, 1, d, x.device)
+    quantize_rows(flat, part, torch.arange(n, device=x.device))
+    return QuantizedKV(part.data[0, :, 0].reshape(*lead, -1), part.scale[0, :, 0].reshape(*lead, -1),
+                       part.zero[0, :, 0].reshape(*lead, -1))

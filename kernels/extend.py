@@ -31,6 +31,7 @@ from .decode import (
     TierPartition,
     dot_precision,
     packed_args,
+    tier_constexprs,
     tile_mask,
     attend_fp_range,
     attend_packed_range,
@@ -54,20 +55,21 @@ _BLOCK_N = 32
 @triton.jit
 def _extend_kernel(
     Q, QR, KN, VN, KF, VF,
-    KWd, KWs, KWz, VWd, VWs, VWz,
-    KCd, KCs, KCz, VCd, VCs, VCz,
+    KWa, KWb, KWs, KWz, VWd, VWs, VWz,
+    KCa, KCb, KCs, KCz, VCd, VCs, VCz,
     Center, Idx, TierPtr, QoPtr, Out, MidF, MidR, MidL,
     stride_qt, stride_qh, stride_qrt, stride_qrh,
     kn_st, kn_sh, vn_st, vn_sh,
     kf_srow, kf_shead, vf_srow, vf_shead,
-    w_dsrow, w_dshead, w_ssrow, w_sshead,
-    c_dsrow, c_dshead, c_ssrow, c_sshead,
+    w_dsrow, w_ssrow, c_dsrow, c_ssrow,
     stride_ot, stride_oh, stride_mt, stride_mh, stride_lt, stride_lh,
     warm_base, cold_base, qk_scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    HAS_WARM: tl.constexpr, WARM_BITS: tl.constexpr, WARM_GROUP: tl.constexpr,
-    HAS_COLD: tl.constexpr, COLD_BITS: tl.constexpr, COLD_GROUP: tl.constexpr,
+    HAS_WARM: tl.constexpr, WK_BITS: tl.constexpr, WK_GROUP: tl.constexpr, WK_SPLIT: tl.constexpr,
+    WV_BITS: tl.constexpr, WV_GROUP: tl.constexpr,
+    HAS_COLD: tl.constexpr, CK_BITS: tl.constexpr, CK_GROUP: tl.constexpr, CK_SPLIT: tl.constexpr,
+    CV_BITS: tl.constexpr, CV_GROUP: tl.constexpr,
     PREC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     HAS_PACKED: tl.constexpr = HAS_WARM or HAS_COLD
@@ -115,14 +117,14 @@ def _extend_kernel(
                                             kv_head, D, KF.dtype.element_ty, BLOCK_D)
             if HAS_WARM:
                 m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t1, t2, warm_base,
-                                                      KWd, KWs, KWz, VWd, VWs, VWz, kv_head,
-                                                      w_dsrow, w_dshead, w_ssrow, w_sshead, qk_scale,
-                                                      WARM_BITS, WARM_GROUP, D, BLOCK_N, PREC, BLOCK_D)
+                                                      KWa, KWb, KWs, KWz, VWd, VWs, VWz, kv_head,
+                                                      w_dsrow, w_ssrow, qk_scale, WK_BITS, WK_GROUP, WK_SPLIT,
+                                                      WV_BITS, WV_GROUP, D, BLOCK_N, PREC, BLOCK_D)
             if HAS_COLD:
                 m_p, l_p, acc_p = attend_packed_range(q_rot, q_c, m_p, l_p, acc_p, Idx, t2, t3, cold_base,
-                                                      KCd, KCs, KCz, VCd, VCs, VCz, kv_head,
-                                                      c_dsrow, c_dshead, c_ssrow, c_sshead, qk_scale,
-                                                      COLD_BITS, COLD_GROUP, D, BLOCK_N, PREC, BLOCK_D)
+                                                      KCa, KCb, KCs, KCz, VCd, VCs, VCz, kv_head,
+                                                      c_dsrow, c_ssrow, qk_scale, CK_BITS, CK_GROUP, CK_SPLIT,
+                                                      CV_BITS, CV_GROUP, D, BLOCK_N, PREC, BLOCK_D)
             store_partial(m_f, l_f, acc_f, m_p, l_p, acc_p, MidF, MidR, MidL,
                           (qo_start + tok) * stride_mt + heads * stride_mh,
                           (qo_start + tok) * stride_lt + heads * stride_lh, valid, D, True, BLOCK_D)
@@ -168,8 +170,7 @@ def launch_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, vie
         out.stride(0), out.stride(1), mid_f.stride(0), mid_f.stride(1), mid_l.stride(0), mid_l.stride(1),
         view.warm_base, view.cold_base, sm_scale * LOG2E,
         GROUP=group, GP=gp, BLOCK_M=block_m, D=d, BLOCK_N=_BLOCK_N,
-        HAS_WARM=w_meta[0], WARM_BITS=w_meta[1], WARM_GROUP=w_meta[2],
-        HAS_COLD=c_meta[0], COLD_BITS=c_meta[1], COLD_GROUP=c_meta[2],
+        **tier_constexprs("W", view.warm, w_meta), **tier_constexprs("C", view.cold, c_meta),
         PREC=dot_precision(view.k_fp16.dtype), BLOCK_D=bd,
         num_warps=4 if bd <= 64 else 8, num_stages=2,
     )

@@ -1,9 +1,12 @@
 """Quantize-on-demote (Triton): float or model-dtype KV rows of all layers -> packed codes + fp16 scale / zero.
 
-One launch covers a batch of tokens for every layer, K and V, and every head.
-Each program quantizes ``BLOCK_R`` (token, head) rows of one (layer, K|V)
-pair; the rows are gathered from ``src`` (``src_rows``, e.g. fp16 pool slots)
-and scattered into the packed store (``dst_rows``).
+One launch covers a batch of tokens for every layer and head of one part of
+a packed tier (its keys, or its values: each has its own format, keys may
+carry more bits). Each program quantizes ``BLOCK_R`` (token, head) rows of
+one layer; the rows are gathered from ``src`` (``src_rows``, e.g. fp16 pool
+slots) and scattered into the packed store (``dst_rows``). Key codes that
+spill into the value half of a record (``SPLIT`` < packed row) are stored
+in two pieces.
 
 Optionally fused on the way: the rotation (``x @ R``, one ieee-fp32 tl.dot per
 program, R shared by all the program's rows) and the key centering (``K -=
@@ -37,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fade_sglang.quant import QuantFormat
+from fade_sglang.pool.view import PackedPart
 from fade_sglang.quant.formats import _CLIP_CANDIDATES
 
 __all__ = ["launch_quantize"]
@@ -83,12 +86,12 @@ def _sq_error(x, codes, scale, zero, ch_mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _quantize_kernel(
-    Src, SrcRows, DstData, DstScale, DstZero, DstRows, R, Center, n_tokens, heads,
-    s_sl, s_skv, s_srow, s_sh,
-    d_sl, d_skv, d_srow, d_sh,
-    q_sl, q_skv, q_srow, q_sh,
+    Src, SrcRows, DstData, DstDataB, DstScale, DstZero, DstRows, R, Center, n_tokens, heads,
+    s_sl, s_srow, s_sh,
+    d_sl, d_srow, b_sl, b_srow,
+    q_sl, q_srow,
     c_sl, c_sh,
-    BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_SRC_ROWS: tl.constexpr, ROTATE: tl.constexpr, CENTER: tl.constexpr,
     CLIP: tl.constexpr, CLIP_RATIOS: tl.constexpr, NUM_CLIP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -103,8 +106,7 @@ def _quantize_kernel(
     GT: tl.constexpr = BLOCK_D if ROW_GROUP else GROUP
     NGP: tl.constexpr = BLOCK_D // GT  # == NG unless padded
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    layer = (tl.program_id(1) // 2).to(tl.int64)  # layer * layer_stride can pass 2**31 in a large pool
-    kv = tl.program_id(1) % 2
+    layer = tl.program_id(1).to(tl.int64)  # layer * layer_stride can pass 2**31 in a large pool
     # int32 (row) division: int64 division is a slow called subroutine on NVIDIA GPUs.
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = r // heads
@@ -120,7 +122,7 @@ def _quantize_kernel(
         row_mask = valid[:, None] & (offs_d < D)[None, :]
     else:
         row_mask = valid[:, None]
-    src_ptrs = Src + layer * s_sl + kv * s_skv + src_row[:, None] * s_srow + head[:, None] * s_sh
+    src_ptrs = Src + layer * s_sl + src_row[:, None] * s_srow + head[:, None] * s_sh
     if ROTATE:
         # x @ R over K-chunks so the R slice in flight stays <= 64 KiB (head_dim 256).
         KC: tl.constexpr = 64 if BLOCK_D > 64 else BLOCK_D
@@ -139,10 +141,8 @@ def _quantize_kernel(
             x += tl.dot(xk, rk, input_precision="tf32x3")
     else:
         x = tl.load(src_ptrs + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
-    if CENTER:
-        # Keys only (kv == 0): the load is masked off for values.
-        x -= tl.load(Center + layer * c_sl + head[:, None] * c_sh + offs_d[None, :],
-                     mask=row_mask & (kv == 0), other=0.0)
+    if CENTER:  # keys only: the caller passes no center for values
+        x -= tl.load(Center + layer * c_sl + head[:, None] * c_sh + offs_d[None, :], mask=row_mask, other=0.0)
 
     # Padded rows: channels D.. are 0 and form whole groups (GROUP divides D), or are masked out of the
     # row's single group (ROW_GROUP); they are never stored.
@@ -193,9 +193,17 @@ def _quantize_kernel(
         b_mask = valid[:, None] & (offs_b < DP)[None, :]
     else:
         b_mask = valid[:, None]
-    tl.store(DstData + layer * d_sl + kv * d_skv + dst_row[:, None] * d_srow + head[:, None] * d_sh + offs_b[None, :],
-             packed.to(tl.uint8), mask=b_mask)
-    q_base = layer * q_sl + kv * q_skv + dst_row * q_srow + head * q_sh
+    # [rows, H, X] blocks are contiguous: head strides are SPLIT, DP - SPLIT and NG.
+    packed = packed.to(tl.uint8)
+    if SPLIT == DP:
+        tl.store(DstData + layer * d_sl + dst_row[:, None] * d_srow + head[:, None] * DP + offs_b[None, :],
+                 packed, mask=b_mask)
+    else:
+        tl.store(DstData + layer * d_sl + dst_row[:, None] * d_srow + head[:, None] * SPLIT + offs_b[None, :],
+                 packed, mask=b_mask & (offs_b < SPLIT)[None, :])
+        tl.store(DstDataB + layer * b_sl + dst_row[:, None] * b_srow + head[:, None] * (DP - SPLIT)
+                 + (offs_b - SPLIT)[None, :], packed, mask=b_mask & (offs_b >= SPLIT)[None, :])
+    q_base = layer * q_sl + dst_row * q_srow + head * NG
     if NGP == 1:
         tl.store(DstScale + q_base, tl.reshape(scale, [BLOCK_R]), mask=valid)
         tl.store(DstZero + q_base, tl.reshape(zero, [BLOCK_R]), mask=valid)
@@ -209,27 +217,28 @@ def _quantize_kernel(
         tl.store(DstZero + q_base[:, None] + offs_g[None, :], zero, mask=g_mask)
 
 
-def launch_quantize(src: torch.Tensor, src_rows: torch.Tensor | None, dst_data: torch.Tensor,
-                    dst_scale: torch.Tensor, dst_zero: torch.Tensor, dst_rows: torch.Tensor, fmt: QuantFormat,
+def launch_quantize(src: torch.Tensor, src_rows: torch.Tensor | None, dst: PackedPart, dst_rows: torch.Tensor,
                     rotation: torch.Tensor | None, k_center: torch.Tensor | None) -> None:
     """Unvalidated launcher (see :func:`fade_sglang.kernels.quantize_rows`)."""
-    layers, _, _, heads, d = src.shape
+    layers, _, heads, d = src.shape
     n = dst_rows.numel()
     if n == 0 or layers == 0:
         return
+    fmt = dst.fmt
     group = fmt.group_size_for(d)
     bd = triton.next_power_of_2(d)  # tile width (== d for a power of two)
     block_r = _BLOCK_R if bd <= 128 else _BLOCK_R // 2
     dummy = dst_rows
-    grid = (triton.cdiv(n * heads, block_r), layers * 2)  # the grid must use the kernel's BLOCK_R
+    data_b = dst.data if dst.data_b is None else dst.data_b
+    grid = (triton.cdiv(n * heads, block_r), layers)  # the grid must use the kernel's BLOCK_R
     _quantize_kernel[grid](
-        src, src_rows if src_rows is not None else dummy, dst_data, dst_scale, dst_zero, dst_rows,
+        src, src_rows if src_rows is not None else dummy, dst.data, data_b, dst.scale, dst.zero, dst_rows,
         rotation if rotation is not None else src, k_center if k_center is not None else src, n, heads,
-        src.stride(0), src.stride(1), src.stride(2), src.stride(3),
-        dst_data.stride(0), dst_data.stride(1), dst_data.stride(2), dst_data.stride(3),
-        dst_scale.stride(0), dst_scale.stride(1), dst_scale.stride(2), dst_scale.stride(3),
+        src.stride(0), src.stride(1), src.stride(2),
+        dst.data.stride(0), dst.data.stride(1), data_b.stride(0), data_b.stride(1),
+        dst.scale.stride(0), dst.scale.stride(1),
         k_center.stride(0) if k_center is not None else 0, k_center.stride(1) if k_center is not None else 0,
-        BITS=fmt.bits, GROUP=group, D=d, BLOCK_R=block_r,
+        BITS=fmt.bits, GROUP=group, SPLIT=dst.split, D=d, BLOCK_R=block_r,
         HAS_SRC_ROWS=src_rows is not None, ROTATE=rotation is not None, CENTER=k_center is not None,
         CLIP=fmt.clip_search, CLIP_RATIOS=tuple(float(c) for c in _CLIP_CANDIDATES),
         NUM_CLIP=len(_CLIP_CANDIDATES), BLOCK_D=bd,

@@ -137,12 +137,13 @@ def check_compatibility(get: Callable[[str], Any]) -> None:
         raise FadeConfigError(
             "--kv-compression fade cannot be combined with --disable-radix-cache: fade's tiers live in the radix "
             "cache (idle branches age there, and pressure demotes them before anything is evicted)")
-    for name, flag, why in (("tp_size", "--tp-size", "tensor"), ("pp_size", "--pp-size", "pipeline")):
-        size = get(name)
-        if size not in (None, 1):
-            raise FadeConfigError(
-                f"--kv-compression fade does not support {why} parallelism yet ({flag} {size}): every rank "
-                f"would have to make the same demotion decisions, which fade does not synchronize yet")
+    # Tensor parallelism is supported: every rank reads rank 0's step clock (patches/step_clock.py), so all
+    # ranks take the same demotion decisions. Pipeline stages and DP attention would need their own sync.
+    size = get("pp_size")
+    if size not in (None, 1):
+        raise FadeConfigError(f"--kv-compression fade does not support pipeline parallelism yet (--pp-size {size})")
+    if get("enable_dp_attention") or (get("attn_dp_size") or 1) > 1:
+        raise FadeConfigError("--kv-compression fade does not support DP attention yet (--attn-dp-size > 1)")
     spec = get("speculative_algorithm")
     if spec:
         raise FadeConfigError(

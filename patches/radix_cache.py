@@ -37,6 +37,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
 from fade_sglang.config import FadeConfig
 from fade_sglang.pool import Tier
+from fade_sglang.radix.clock import StepClock
 from fade_sglang.radix.policy import (NodeView, TreeBook, iter_candidates, movable_positions, tier_positions,
                                      walk_sorted, walk_tree)
 
@@ -72,6 +73,8 @@ class TieredRadixCache(RadixCache):
             raise TypeError(f"TieredRadixCache needs a TieredKVPool, got {type(pool).__name__}")
         self.pool = pool
         self.fade_config = fade_config or pool.fade_config
+        # What idle demotion calls "now"; the scheduler ticks it once per step (and shares it across TP ranks).
+        self.clock = StepClock()
         self._reset_counters()  # before super().__init__, which calls reset()
         super().__init__(params)
         self._running = RunningDemoter(self)
@@ -267,7 +270,7 @@ class TieredRadixCache(RadixCache):
             return 0
         cfg = self.fade_config
         recent = cfg.idle_recent_tokens
-        now = time.monotonic() if now is None else now
+        now = self.clock.now() if now is None else now
         book = self._sync()
         due = book.pop_idle(now)  # only nodes idle long enough to have work: not the whole tree
         order = walk_sorted(due, lambda n: n.last_access_time, book.walk_key)

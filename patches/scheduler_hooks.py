@@ -8,7 +8,8 @@ Hook points:
   called once per event-loop iteration, after the previous batch's results were
   processed and before the next batch is formed. Fade forces
   ``--disable-overlap-schedule``, so no forward is reading the KV here and
-  rewriting slots (demotion) is safe. Relieves memory pressure (below), runs
+  rewriting slots (demotion) is safe. Ticks the tree's step clock (under TP every
+  rank takes rank 0's reading: ``step_clock``), relieves memory pressure (below), runs
   ``demote_idle``, and tells the allocator how many requests are live (prefill
   admission waits for them rather than evict for fp16).
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any, Callable
 
 from fade_sglang.pool.layout import Tier
@@ -132,7 +132,18 @@ def scheduler_init_hook(result: Any, scheduler: Any, server_args: Any, *args: An
 
     reporter = StatsReporter(cfg.stats_interval_seconds, bool(get_observability().enable_metrics))
     scheduler._fade_state = FadeSchedulerState(cfg, reporter)
+    _start_step_clock(scheduler)
     return None
+
+
+def _start_step_clock(scheduler: Any) -> None:
+    """Radix access stamps and idle demotion read the tree's step clock; under TP every rank reads rank 0's."""
+    from .step_clock import install, tp_share
+
+    clock = scheduler.tree_cache.clock
+    if getattr(scheduler, "tp_size", 1) > 1:
+        clock.share = tp_share(scheduler.tp_cpu_group)
+    install(clock)
 
 
 def _live_requests(running_batch: Any, last_batch: Any) -> list[Any]:
@@ -206,7 +217,7 @@ def _relieve_pressure(scheduler: Any, tree: Any, reqs: list[Any], state: FadeSch
 def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
     state: FadeSchedulerState = scheduler._fade_state
     tree = scheduler.tree_cache
-    now = time.monotonic()
+    now = tree.clock.tick()  # every rank ticks here, once per step (a collective under TP)
     reqs = _live_requests(running_batch, last_batch)
     chunked = getattr(scheduler, "chunked_req", None)
     running = len(reqs)  # reqs holds each request once

@@ -50,7 +50,7 @@ def physical_pages(pool, slots: torch.Tensor, tier: Tier) -> torch.Tensor:
     if tier == Tier.FP16:
         view, rows = pool.kv_fp16[0, 0], slots
     else:
-        view, rows = pool.stores[tier].data[0, 0], slots - pool.layout.base(tier)
+        view, rows = pool.stores[tier].key.data[0], slots - pool.layout.base(tier)
     start = view.data_ptr() - arena.data_ptr()
     row_bytes = view.stride(0) * view.element_size()
     first = (start + rows * row_bytes) // pool.geometry.page_bytes

@@ -10,6 +10,7 @@ import pytest
 from fade_sglang.patches.allocator import FadePrefillBudget
 from fade_sglang.patches.scheduler_hooks import FadeSchedulerState, between_steps
 from fade_sglang.pool import Tier
+from fade_sglang.radix.clock import StepClock
 from test_radix_policy import LATER, insert, tiers_of
 from test_radix_property import Sim, small_config
 
@@ -101,7 +102,7 @@ def test_scheduler_hook_counts_live_requests_but_not_the_chunked_prefill() -> No
                            page_table=SimpleNamespace(reserve_pages=1, free_pages=lambda: 100))
     alloc = SimpleNamespace(running_requests=-1, get_kvcache=lambda: pool)
     state = FadeSchedulerState(small_config(demote_running=False), SimpleNamespace(tick=lambda *a: None))
-    tree = SimpleNamespace(demote_idle=lambda now: 0)
+    tree = SimpleNamespace(demote_idle=lambda now: 0, clock=StepClock())
     scheduler = SimpleNamespace(_fade_state=state, tree_cache=tree, token_to_kv_pool_allocator=alloc,
                                 chunked_req=chunked, chunked_prefill_size=None, waiting_queue=[])
     between_steps(scheduler, SimpleNamespace(reqs=[decoding, done]), SimpleNamespace(reqs=[just_prefilled, chunked]))

@@ -74,6 +74,12 @@ def test_default_preset_is_balanced(server_args_cls, parser) -> None:
     assert cli.fade_config_from_server_args(sa) == FadeConfig.from_preset("balanced")
 
 
+def test_tensor_parallel_is_accepted(server_args_cls, parser) -> None:
+    """Every TP rank reads rank 0's step clock, so --tp-size > 1 starts (tests/test_tp_clock.py)."""
+    sa = parse(server_args_cls, parser, ["--kv-compression", "fade", "--tp-size", "2"])
+    assert sa.tp_size == 2
+
+
 def test_overrides_compose_in_order(server_args_cls, parser) -> None:
     sa = parse(server_args_cls, parser, [
         "--kv-compression", "fade", "--fade-preset", "aggressive",
@@ -128,7 +134,7 @@ BAD_ARGS = [
     (["--kv-compression", "fade", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--kv-compression", "fade", "--speculative-algorithm", "EAGLE"], "speculative decoding"),
     (["--kv-compression", "fade", "--disable-radix-cache"], "--disable-radix-cache"),
-    (["--kv-compression", "fade", "--tp-size", "2"], "tensor parallelism yet (--tp-size 2)"),
+    (["--kv-compression", "fade", "--tp-size", "2", "--attn-dp-size", "2"], "DP attention yet"),
     (["--kv-compression", "fade", "--pp-size", "2"], "pipeline parallelism yet (--pp-size 2)"),
 ]
 

@@ -63,7 +63,7 @@ def test_demo_quick_json(tiny_model_dir: Path) -> None:
     assert fade["bytes_per_token"] < base["bytes_per_token"] / 3
     mix = fade["tier_mix"]
     assert sum(t["tokens"] for t in mix.values()) == fade["held_tokens"] > 0
-    assert mix["int4"]["tokens"] + mix["int2"]["tokens"] > 0, "fade must have demoted tokens"
+    assert sum(t["tokens"] for name, t in mix.items() if name != "fp16") > 0, "fade must have demoted tokens"
     assert sum(fade["demoted_tokens"].values()) > 0
     agree = out["greedy_agreement"]
     assert agree["requests_compared"] == base["requests"]

@@ -82,7 +82,7 @@ def test_smoke_run_through_the_script(tmp_path):
     assert {r["dtype"] for r in corr} == {"fp16", "fp32"}
     for dt in ("fp16", "fp32"):
         kinds = {r["kind"] for r in corr if r["dtype"] == dt}
-        assert kinds == {"setup", "decode", "extend", "quantize", "baselines"}
+        assert kinds == {"setup", "decode", "extend", "decode+extend", "quantize", "baselines"}
         decode = {r["case"] for r in corr if r["dtype"] == dt and r["kind"] == "decode"}
         assert {"fp16", "int4", "int2", "aged", "shuffled"} <= decode
     assert all(r["passed"] for r in corr)

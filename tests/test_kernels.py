@@ -177,6 +177,25 @@ def test_extend_fp16_prefix_direct_path():
     assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.125, dequantized=False)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("head_dim,group,dtype,key_bits", [
+    (64, 3, torch.float16, {"warm_key_bits": 8, "cold_key_bits": 4}),  # K codes spill into the V half
+    (128, 4, torch.float32, {"warm_key_bits": 8}),
+    (80, 2, torch.float16, {"warm_key_bits": 8, "cold_key_bits": 4}),  # padded tiles read the split too
+])
+def test_decode_and_extend_with_keys_at_more_bits(head_dim, group, dtype, key_bits):
+    case = build_case([1, 45, 0, 70], head_dim=head_dim, dtype=dtype, seed=head_dim + group, **key_bits)
+    warm = case.view.warm
+    assert warm.key.fmt.bits == 8 and warm.value.fmt.bits == 4 and warm.key.data_b is not None
+    q = request_queries(case, group).to(dtype)
+    scale = head_dim ** -0.5
+    out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, scale, num_kv_splits=2)
+    assert rel_err(out, dense_decode(q.double(), case, scale, dequantized=True)) < TOL[dtype]
+    q, kn, vn, qo = _extend_inputs(case, [3, 4, 1, 17], group)
+    q, kn, vn = q.to(dtype), kn.to(dtype), vn.to(dtype)
+    out = K.extend_attention(q, kn, vn, case.view, qo, case.kv_indptr, case.kv_indices, 0.1)
+    assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.1, dequantized=True)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("bits,group,head_dim,src_dtype", [
     (4, 64, 64, torch.float32), (2, 32, 128, torch.float32), (8, 64, 128, torch.float16), (2, 16, 64, torch.float16),
 ])
@@ -189,9 +208,11 @@ def test_quantize_bit_exact_vs_torch(bits, group, head_dim, src_dtype):
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_quantize_rows_fused_rotation_matches_pool_demotion():
-    """All layers in one launch from fp16 pool slots, rotation + key centering fused, vs the pool's torch path."""
-    cfg = FadeConfig(clip_search=False)  # INT4 and INT2 on; the tiers share the arena
+@pytest.mark.parametrize("key_bits", [0, 8])
+def test_quantize_rows_fused_rotation_matches_pool_demotion(key_bits):
+    """All layers in one launch per part from fp16 pool slots, rotation + key centering fused, vs the pool's
+    torch path (key_bits 8: the key codes are stored in two pieces)."""
+    cfg = FadeConfig(clip_search=False, warm_key_bits=key_bits)  # INT4 and INT2 on; the tiers share the arena
     pool = TieredKVPool(2000, 1, torch.float16, 2, 64, 3, "cpu", False, fade_config=cfg)
     n = 40
     slots = pool.alloc(n)
@@ -203,19 +224,17 @@ def test_quantize_rows_fused_rotation_matches_pool_demotion():
     new = pool.demote(slots, Tier.WARM)  # torch path; freezes the key centers (freed fp16 rows keep their data)
     store = pool.stores[Tier.WARM]
     rows = new - pool.layout.warm_base
-    data, scale, zero = (torch.zeros_like(t) for t in (store.data, store.scale, store.zero))
-    K.quantize_rows(pool.kv_fp16, data, scale, zero, rows, store.fmt, src_rows=slots,
-                    rotation=pool.rotation, k_center=pool.k_center)
-    codes_k = unpack_codes(data[:, :, rows], 4).int()
-    codes_t = unpack_codes(store.data[:, :, rows], 4).int()
-    diff = (codes_k - codes_t).abs()
-    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
-    for a, b in ((scale, store.scale), (zero, store.zero)):
-        a, b = a[:, :, rows].float(), b[:, :, rows].float()
-        assert torch.allclose(a, b, rtol=2e-3, atol=1e-4)  # within ~1 fp16 ulp
-    deq = dequantize(type(quantize(torch.zeros(1, 64), store.fmt))(data[:, :, rows], scale[:, :, rows],
-                                                                     zero[:, :, rows]), store.fmt)
-    assert rel_err(deq, store.read(rows)) < 0.1  # a code step at most, on a few values
+    assert (store.key.data_b is not None) == (key_bits == 8)
+    for kv, want in enumerate((store.key, store.value)):
+        got = K.packed_part(want.fmt, 3, want.data.shape[1], 2, 64, "cpu", split=want.split)
+        K.quantize_rows(pool.kv_fp16[:, kv], got, rows, src_rows=slots, rotation=pool.rotation,
+                        k_center=pool.k_center if kv == 0 else None)
+        bits = want.fmt.bits
+        diff = (unpack_codes(got.codes(rows), bits).int() - unpack_codes(want.codes(rows), bits).int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+        for a, b in ((got.scale, want.scale), (got.zero, want.zero)):
+            assert torch.allclose(a[:, rows].float(), b[:, rows].float(), rtol=2e-3, atol=1e-4)  # ~1 fp16 ulp
+        assert rel_err(got.read(rows), want.read(rows)) < 0.1  # a code step at most, on a few values
 
 
 def test_quantize_clip_search_matches_torch_choice():
@@ -260,10 +279,12 @@ def test_input_validation_errors(monkeypatch):
         K.extend_attention(q, q[:, :2, :32], q[:, :2], view, torch.tensor([0, 1]), case.kv_indptr,
                            case.kv_indices, 0.1)
     fmt = QuantFormat(4, 64)
-    with pytest.raises(ValueError, match="dst_data"):
-        K.quantize_rows(torch.zeros(1, 2, 3, 2, 64), torch.zeros(1, 2, 3, 2, 64, dtype=torch.uint8),
-                        torch.zeros(1, 2, 3, 2, 1, dtype=torch.float16), torch.zeros(1, 2, 3, 2, 1, dtype=torch.float16),
-                        torch.arange(3), fmt)
+    wrong = K.packed_part(QuantFormat(8, 64), 1, 3, 2, 64, "cpu")  # 64 code bytes per head where INT4 has 32
+    with pytest.raises(ValueError, match="dst.data has shape"):
+        K.quantize_rows(torch.zeros(1, 3, 2, 64), type(wrong)(fmt, wrong.data, wrong.scale, wrong.zero), torch.arange(3))
+    with pytest.raises(ValueError, match="no data_b"):
+        K.quantize_rows(torch.zeros(1, 3, 2, 64), type(wrong)(fmt, wrong.data[..., :16], wrong.scale, wrong.zero),
+                        torch.arange(3))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="need a CUDA device"):
         K.decode_attention(q, view, *args)

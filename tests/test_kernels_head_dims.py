@@ -69,8 +69,8 @@ def test_supported_head_dims():
 def test_decode_mixed_tiers(head_dim, dtype):
     case = build_case(_lens(head_dim), head_dim=head_dim, dtype=dtype, seed=head_dim)
     view = case.view
-    assert view.warm.group_size == QuantFormat(4, 64).group_size_for(head_dim)  # 80 -> 16, 96 -> 32
-    assert view.cold.group_size == QuantFormat(2, 32).group_size_for(head_dim)
+    assert view.warm.key.fmt.group_size_for(head_dim) == QuantFormat(4, 64).group_size_for(head_dim)  # 80 -> 16, 96 -> 32
+    assert view.cold.value.fmt.group_size_for(head_dim) == QuantFormat(2, 32).group_size_for(head_dim)
     tiers = case.pool.tier_of(case.kv_indices)
     assert {0, 1, 2} <= set(tiers[1:1 + _lens(head_dim)[1]].tolist())  # one request mixes all tiers
     q = request_queries(case, GQA).to(dtype)
@@ -89,7 +89,7 @@ def test_decode_padded_fp16_only_and_unrotated(head_dim):
     out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, 0.1, num_kv_splits=3)
     assert rel_err(out, dense_decode(q.double(), case, 0.1, dequantized=False)) < TOL[torch.float32]
     case = build_case([9, 17], head_dim=head_dim, seed=4, rotation=False, warm_bits=8)
-    assert case.view.rotation is None and case.view.warm.bits == 8
+    assert case.view.rotation is None and case.view.warm.key.fmt.bits == 8
     q = request_queries(case, GQA)
     out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, 0.1, num_kv_splits=2)
     assert rel_err(out, dense_decode(q.double(), case, 0.1, dequantized=True)) < TOL[torch.float32]
@@ -155,17 +155,17 @@ def test_quantize_rows_fused_rotation_matches_pool_demotion(head_dim):
                              (slots[n:], Tier.COLD, pool.layout.cold_base)):
         new = pool.demote(part, tier)  # torch path; freezes the key centers (freed fp16 rows keep their data)
         store = pool.stores[tier]
-        bits = store.fmt.bits
         rows = new - base
-        data, scale, zero = (torch.zeros_like(t) for t in (store.data, store.scale, store.zero))
-        K.quantize_rows(pool.kv_fp16, data, scale, zero, rows, store.fmt, src_rows=part,
-                        rotation=pool.rotation, k_center=pool.k_center)
-        diff = (unpack_codes(data[:, :, rows], bits).int() - unpack_codes(store.data[:, :, rows], bits).int()).abs()
-        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
-        for a, b in ((scale, store.scale), (zero, store.zero)):
-            assert torch.allclose(a[:, :, rows].float(), b[:, :, rows].float(), rtol=2e-3, atol=1e-4)
-        deq = dequantize(QuantizedKV(data[:, :, rows], scale[:, :, rows], zero[:, :, rows]), store.fmt)
-        assert rel_err(deq, store.read(rows)) < 0.1  # a code step at most, on a few values
+        for kv, want in enumerate((store.key, store.value)):
+            bits = want.fmt.bits
+            got = K.packed_part(want.fmt, 2, want.data.shape[1], 2, head_dim, "cpu")
+            K.quantize_rows(pool.kv_fp16[:, kv], got, rows, src_rows=part, rotation=pool.rotation,
+                            k_center=pool.k_center if kv == 0 else None)
+            diff = (unpack_codes(got.codes(rows), bits).int() - unpack_codes(want.codes(rows), bits).int()).abs()
+            assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+            for a, b in ((got.scale, want.scale), (got.zero, want.zero)):
+                assert torch.allclose(a[:, rows].float(), b[:, rows].float(), rtol=2e-3, atol=1e-4)
+            assert rel_err(got.read(rows), want.read(rows)) < 0.1  # a code step at most, on a few values
 
 
 def test_whole_row_group_kernels_via_launchers():
@@ -179,25 +179,22 @@ def test_whole_row_group_kernels_via_launchers():
     for fmt in (QuantFormat(4, 128), QuantFormat(2, 128, clip_search=True)):
         assert fmt.group_size_for(d) == d
         n = k.shape[0] * k.shape[1]
-        data = torch.zeros(1, 2, n, 1, fmt.packed_dim(d), dtype=torch.uint8)
-        scale = torch.zeros(1, 2, n, 1, 1, dtype=torch.float16)
-        zero = torch.zeros_like(scale)
-        quantize_mod.launch_quantize(k.reshape(1, 1, n, 1, d).expand(1, 2, n, 1, d), None, data, scale, zero,
-                                     torch.arange(n), fmt, None, None)
+        dst = K.packed_part(fmt, 1, n, 1, d, "cpu")
+        quantize_mod.launch_quantize(k.reshape(1, n, 1, d), None, dst, torch.arange(n), None, None)
+        got = QuantizedKV(dst.data[0, :, 0], dst.scale[0, :, 0], dst.zero[0, :, 0])
         want = quantize(k.reshape(n, d), fmt)
         if fmt.clip_search:  # as test_quantize_clip_search_matches_torch_choice
-            got = QuantizedKV(data[0, 0, :, 0], scale[0, 0, :, 0], zero[0, 0, :, 0])
             assert float(((got.scale == want.scale) & (got.zero == want.zero)).float().mean()) > 0.9
             err_k = (dequantize(got, fmt) - k.reshape(n, d)).square().sum()
             err_t = (dequantize(want, fmt) - k.reshape(n, d)).square().sum()
             assert float(err_k) <= float(err_t) * 1.001
         else:
-            assert torch.equal(data[0, 0, :, 0], want.data)
-            assert torch.equal(scale[0, 0, :, 0], want.scale) and torch.equal(zero[0, 0, :, 0], want.zero)
+            assert torch.equal(got.data, want.data)
+            assert torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
 
     case = build_case([1, 21, 0, 9], head_dim=d, seed=9, warm_group_size=128, cold_group_size=128)
     view = case.view
-    assert view.warm.group_size == d and view.cold.group_size == d
+    assert view.warm.key.fmt.group_size_for(d) == d and view.cold.value.fmt.group_size_for(d) == d
     q = request_queries(case, GQA)
     batch, hq = q.shape[0], q.shape[1]
     part = decode_mod.partition_by_tier(case.kv_indptr, case.kv_indices, view.warm_base, view.cold_base)

@@ -204,10 +204,10 @@ class ByteAddress:
         self.stride[Tier.FP16] = fp.stride(0) * elem
         assert self.stride[Tier.FP16] == HEADS * DIM * elem
         for t, s in store.stores.items():
-            assert s.data.untyped_storage().data_ptr() == store.arena.untyped_storage().data_ptr(), \
+            assert s.key.data.untyped_storage().data_ptr() == store.arena.untyped_storage().data_ptr(), \
                 "packed records must live in the arena's bytes"
-            self.offset[t] = s.data[0, 0].storage_offset() - arena0.storage_offset()
-            self.stride[t] = s.data.stride(2)
+            self.offset[t] = s.key.data[0].storage_offset() - arena0.storage_offset()
+            self.stride[t] = s.key.data.stride(1)
         self.layout = store.layout
         self.last_byte = store.pages * self.page_bytes
         self.arena = store.arena
@@ -602,7 +602,9 @@ def pick_op(m: Model) -> str:
     # clip search off: the page bookkeeping is under test here, not the quantizer (twice as fast)
     (torch.float32, FadeConfig.from_preset("balanced").with_overrides({"clip_search": False}), 10_000, 1234),
     (torch.float16, FadeConfig(tier_max_share={"warm": 1.0, "cold": 0.5}), 1_500, 99),
-], ids=["float32-balanced", "float16-cold-cap"])
+    # keys at more bits than values: K codes spill into the V half of each record row
+    (torch.float16, FadeConfig(clip_search=False, warm_key_bits=8, cold_key_bits=4), 1_500, 7),
+], ids=["float32-balanced", "float16-cold-cap", "float16-split-keys"])
 def test_random_operations_keep_pages_consistent(dtype: torch.dtype, cfg: FadeConfig, ops: int, seed: int) -> None:
     start = time.perf_counter()
     store = make_store(200, dtype, cfg)  # 13 pages: the arena is full most of the time

@@ -38,10 +38,14 @@ def test_compress_history_touches_only_the_named_layer_part_and_heads():
 
 def test_int2_is_coarser_than_int4_and_int8_finer():
     kv = _history(layers=1)
-    cfg = FadeConfig.from_preset("balanced")
+    cfg = FadeConfig()  # the knobs' defaults: INT4 warm, INT2 cold
     errs = {}
-    for variant in (Variant("int8", (("warm_bits", 8),)), Variant("int4"), Variant("int2", tier="cold")):
-        (k2, _), = compress_history(kv, variant.config(cfg), variant, keep_first=16)
+    for variant in (Variant("int8", (("warm_bits", 8),)), Variant("int4"), Variant("int2", tier="cold"),
+                    Variant("k8v4", (("warm_key_bits", 8),))):
+        (k2, v2), = compress_history(kv, variant.config(cfg), variant, keep_first=16)
         errs[variant.name] = float((k2 - kv[0][0]).norm() / kv[0][0].norm())
+        errs[variant.name + " v"] = float((v2 - kv[0][1]).norm() / kv[0][1].norm())
     assert errs["int8"] < errs["int4"] / 8 and errs["int4"] < errs["int2"] / 2
-    assert len(standard_variants(30, 3, per_layer=True, per_head=True)) == 9 + 30 + 3
+    # keys at 8 bits in the k8v4 tier; its values are the INT4 tier's, bit for bit
+    assert errs["k8v4"] < errs["int4"] / 8 and errs["k8v4 v"] == errs["int4 v"]
+    assert len(standard_variants(30, 3, per_layer=True, per_head=True)) == 12 + 30 + 3

@@ -170,7 +170,11 @@ def standard_variants(layers: int, heads: int, per_layer: bool, per_head: bool) 
           Variant("int4 no-rotation", (("rotation", False),)),
           Variant("int8 kv", (("warm_bits", 8),)),
           Variant("int2 kv", tier="cold"), Variant("int2 k", tier="cold", parts="k"),
-          Variant("int2 v", tier="cold", parts="v")]
+          Variant("int2 v", tier="cold", parts="v"),
+          # keys at more bits than values (the warm_key_bits / cold_key_bits knobs)
+          Variant("k8v4", (("warm_key_bits", 8),)),
+          Variant("k4v2", (("cold_key_bits", 4),), tier="cold"),
+          Variant("k8v2", (("warm_key_bits", 8), ("cold_key_bits", 8)), tier="cold")]
     if per_layer:
         vs += [Variant(f"int4 layer {l}", layers=(l,)) for l in range(layers)]
     if per_head:
@@ -186,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preset", default="safe")
     ap.add_argument("--per-layer", action="store_true")
     ap.add_argument("--per-head", action="store_true")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="run only the variants with these names (e.g. 'int4 kv' k8v4)")
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -197,8 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     docs = doc_qa.make_docs(tok, args.docs, args.doc_tokens)
     convs = build_conversations(model, tok, path, docs)
     n_layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
-    results = run_variants(model, convs, standard_variants(n_layers, heads, args.per_layer, args.per_head), base,
-                           base.sink_tokens)
+    variants = standard_variants(n_layers, heads, args.per_layer, args.per_head)
+    if args.only:
+        unknown = set(args.only) - {v.name for v in variants}
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)} (known: {', '.join(v.name for v in variants)})")
+        variants = [v for v in variants if v.name in args.only]
+    results = run_variants(model, convs, variants, base, base.sink_tokens)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([asdict(r) for r in results], indent=1))

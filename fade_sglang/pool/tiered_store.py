@@ -27,15 +27,15 @@ from typing import Any, Callable
 import torch
 
 from ..config import FadeConfig
-from ..quant import QuantFormat, rotation_matrix
+from ..quant import rotation_matrix
 from .allocator import PoolExhaustedError, SlotError
 from .layout import Tier, TierLayout
-from .packed_store import PackedTierStore, packed_record_bytes
+from .packed_store import PackedRecordLayout, PackedTierStore
 from .pages import PagedRows, PageGeometry, PageTable, choose_page_geometry
 from .view import PackedLayerKV, TieredLayerKV, gather_kv
 
 __all__ = ["PackedLayerKV", "QuantizeRowsFn", "TieredKVStore", "TieredLayerKV", "pool_geometry",
-           "tier_bytes_per_token"]
+           "record_layouts", "tier_bytes_per_token"]
 
 logger = logging.getLogger(__name__)
 # Upper bound of the float32 temporaries of one demotion chunk ([layers, 2, n, H, D]).
@@ -44,23 +44,29 @@ _DEMOTE_CHUNK_ELEMS = 1 << 24
 QuantizeRowsFn = Callable[..., None]
 
 
+def record_layouts(cfg: FadeConfig, heads: int, head_dim: int) -> dict[Tier, PackedRecordLayout]:
+    """Byte layout of a record row of each packed tier (its key and value formats)."""
+    return {Tier.WARM: PackedRecordLayout(cfg.warm_key_format, cfg.warm_format, heads, head_dim),
+            Tier.COLD: PackedRecordLayout(cfg.cold_key_format, cfg.cold_format, heads, head_dim)}
+
+
 def tier_bytes_per_token(cfg: FadeConfig, layers: int, heads: int, head_dim: int,
                          dtype: torch.dtype | int) -> tuple[int, int, int]:
     """Exact storage bytes of one token (all layers, K and V) in each tier, scales and zeros included.
 
     ``dtype``: the fp16 tier's dtype, or its element size in bytes."""
     elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
-    per_head = (head_dim * elem,
-                cfg.warm_format.bytes_per_token_head(head_dim),
-                cfg.cold_format.bytes_per_token_head(head_dim))
-    return tuple(2 * layers * heads * b for b in per_head)  # type: ignore[return-value]
+    packed = record_layouts(cfg, heads, head_dim)
+    return (2 * layers * heads * head_dim * elem,
+            layers * packed[Tier.WARM].token_bytes, layers * packed[Tier.COLD].token_bytes)
 
 
 def pool_geometry(cfg: FadeConfig, heads: int, head_dim: int, dtype: torch.dtype | int) -> PageGeometry:
     """Page size and per-tier rows per page for one layer's K (or V) arena."""
     elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
-    payloads = tuple(packed_record_bytes(fmt, heads, head_dim) if on else 0
-                     for fmt, on in ((cfg.warm_format, cfg.warm_enabled), (cfg.cold_format, cfg.cold_enabled)))
+    packed = record_layouts(cfg, heads, head_dim)
+    payloads = tuple(packed[t].payload if on else 0
+                     for t, on in ((Tier.WARM, cfg.warm_enabled), (Tier.COLD, cfg.cold_enabled)))
     return choose_page_geometry(heads * head_dim * elem, payloads)
 
 
@@ -85,8 +91,7 @@ class TieredKVStore:
         cfg = fade_config or FadeConfig()
         if page_size != 1:
             raise ValueError(f"fade KV compression supports page_size 1 only (got {page_size})")
-        for fmt in (cfg.warm_format, cfg.cold_format):
-            fmt.check_head_dim(head_dim)
+        self.record_layouts = record_layouts(cfg, head_num, head_dim)  # checks head_dim against the formats
         self.fade_config = cfg
         self.head_num, self.head_dim, self.layer_num = head_num, head_dim, layer_num
         self.start_layer = 0
@@ -97,7 +102,6 @@ class TieredKVStore:
         self.pages = arena_pages(size, self.geometry, page_size, reserve)
         rows = [self.pages * r for r in self.geometry.rows_per_page]
         self.layout = TierLayout(rows[0] - page_size, rows[1], rows[2], page_size=page_size)
-        self.formats: dict[Tier, QuantFormat] = {Tier.WARM: cfg.warm_format, Tier.COLD: cfg.cold_format}
         self.total_size = self.layout.total_slots
         self.strict = (torch.device(device).type == "cpu") if strict is None else strict
         self.quantize_rows_fn = quantize_rows_fn
@@ -128,8 +132,8 @@ class TieredKVStore:
         self.kv_fp16 = self.arena.view(dtype).view(self.layer_num, 2, *self.fp16_buffer_shape())
         self.k_buffer = [self.kv_fp16[l, 0] for l in range(self.layer_num)]
         self.v_buffer = [self.kv_fp16[l, 1] for l in range(self.layer_num)]
-        self.stores = {t: PackedTierStore(self.formats[t], self.arena, self.layout.capacity(t),
-                                          self.geometry.record_bytes[t], self.head_num, self.head_dim)
+        self.stores = {t: PackedTierStore(self.record_layouts[t], self.arena, self.layout.capacity(t),
+                                          self.geometry.record_bytes[t])
                        for t in (Tier.WARM, Tier.COLD) if self.layout.capacity(t) > 0}
 
     def arena_nbytes(self) -> int:
@@ -307,10 +311,12 @@ class TieredKVStore:
 
     def _quantize_kernel(self, src: torch.Tensor, rows: torch.Tensor, store: PackedTierStore,
                          src_rows: torch.Tensor | None = None, fused: bool = False) -> None:
-        """One launch for all layers, K and V; ``fused`` gathers model-space rows and rotates/centers in-kernel."""
+        """One launch for all layers per part (K, V); ``fused`` gathers model-space rows and rotates / centers
+        in-kernel."""
         center = self.k_center if fused and self.fade_config.center_keys else None
-        self.quantize_rows_fn(src, store.data, store.scale, store.zero, rows, store.fmt, src_rows=src_rows,
-                      rotation=self.rotation if fused else None, k_center=center)
+        for kv, part in enumerate((store.key, store.value)):
+            self.quantize_rows_fn(src[:, kv], part, rows, src_rows=src_rows, rotation=self.rotation if fused else None,
+                                  k_center=center if kv == 0 else None)
 
     # ------------------------------------------------------------------ reads
     def read_kv(self, layer_id: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,8 +333,7 @@ class TieredKVStore:
             s = self.stores.get(t)
             if s is None:
                 return None
-            return PackedLayerKV(s.data[l, 0], s.scale[l, 0], s.zero[l, 0], s.data[l, 1], s.scale[l, 1],
-                                 s.zero[l, 1], self.layout.base(t), s.fmt.bits, s.fmt.group_size_for(self.head_dim))
+            return PackedLayerKV(s.key.layer(l), s.value.layer(l), self.layout.base(t))
 
         return TieredLayerKV(self.k_buffer[l], self.v_buffer[l], packed(Tier.WARM), packed(Tier.COLD),
                              self.layout.warm_base, self.layout.cold_base, self.rotation, self.k_center[l])

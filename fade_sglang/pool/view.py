@@ -6,35 +6,83 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import QuantFormat, QuantizedKV, dequantize
+from ..quant import QuantFormat, QuantizedKV, dequantize, quantize
 
-__all__ = ["PackedLayerKV", "TieredLayerKV", "gather_kv"]
+__all__ = ["PackedLayerKV", "PackedPart", "TieredLayerKV", "gather_kv"]
+
+
+@dataclass(frozen=True)
+class PackedPart:
+    """The keys (or the values) of a packed tier: planar-packed codes and fp16 scale / zero per group.
+
+    Tensors are ``[..., rows, H, X]`` (a leading layer dim for a whole store, none for one layer's view),
+    each ``[H, X]`` block contiguous. The codes of one token and head are ``fmt.packed_dim(D)`` bytes:
+    the first ``split`` in ``data``, the rest in ``data_b`` (keys with more bits than values spill into the
+    value half of the record, so both halves of a record row stay the same size; ``data_b`` is None when
+    nothing spills)."""
+
+    fmt: QuantFormat
+    data: torch.Tensor  # uint8 [..., rows, H, split]
+    scale: torch.Tensor  # fp16 [..., rows, H, D / group]
+    zero: torch.Tensor
+    data_b: torch.Tensor | None = None  # uint8 [..., rows, H, packed_dim - split]
+
+    @classmethod
+    def zeros(cls, fmt: QuantFormat, layers: int, rows: int, heads: int, head_dim: int,
+              device: torch.device | str, split: int | None = None) -> "PackedPart":
+        """Standalone zeroed tensors ``[layers, rows, heads, X]`` (codes split after ``split`` bytes per head)."""
+        dp = fmt.packed_dim(head_dim)
+        split = dp if split is None else split
+        u8 = dict(dtype=torch.uint8, device=device)
+        scale = torch.zeros(layers, rows, heads, fmt.num_groups(head_dim), dtype=torch.float16, device=device)
+        return cls(fmt, torch.zeros(layers, rows, heads, split, **u8), scale, torch.zeros_like(scale),
+                   torch.zeros(layers, rows, heads, dp - split, **u8) if split < dp else None)
+
+    @property
+    def split(self) -> int:
+        return self.data.shape[-1]
+
+    def layer(self, index: int) -> "PackedPart":
+        """One layer of a store's part (drops the leading layer dim)."""
+        return PackedPart(self.fmt, self.data[index], self.scale[index], self.zero[index],
+                          None if self.data_b is None else self.data_b[index])
+
+    def codes(self, rows: torch.Tensor) -> torch.Tensor:
+        """Packed code bytes ``[..., n, H, packed_dim]`` of ``rows`` (both pieces joined)."""
+        a = self.data[..., rows, :, :]
+        return a if self.data_b is None else torch.cat((a, self.data_b[..., rows, :, :]), dim=-1)
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., n, H, D]`` of ``rows`` (packed space)."""
+        q = QuantizedKV(self.codes(rows), self.scale[..., rows, :, :], self.zero[..., rows, :, :])
+        return dequantize(q, self.fmt, torch.float32)
+
+    def write(self, rows: torch.Tensor, x: torch.Tensor) -> None:
+        """Quantize ``x [..., n, H, D]`` (packed space) into ``rows``."""
+        q = quantize(x, self.fmt)
+        s = self.split
+        self.data[..., rows, :, :] = q.data[..., :s]
+        if self.data_b is not None:
+            self.data_b[..., rows, :, :] = q.data[..., s:]
+        self.scale[..., rows, :, :] = q.scale
+        self.zero[..., rows, :, :] = q.zero
 
 
 @dataclass(frozen=True)
 class PackedLayerKV:
-    """One layer of a packed tier as kernels read it: row = slot - base; planar-packed codes, fp16 scale/zero."""
+    """One layer of a packed tier as kernels read it: row = slot - base."""
 
-    k_data: torch.Tensor  # uint8 [rows, H, D * bits / 8]
-    k_scale: torch.Tensor  # fp16 [rows, H, D / group]
-    k_zero: torch.Tensor
-    v_data: torch.Tensor
-    v_scale: torch.Tensor
-    v_zero: torch.Tensor
+    key: PackedPart
+    value: PackedPart
     base: int
-    bits: int
-    group_size: int
 
     @property
-    def format(self) -> QuantFormat:
-        return QuantFormat(self.bits, self.group_size)
+    def rows(self) -> int:
+        return self.key.data.shape[0]
 
     def dequantize_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 K, V of ``rows`` in the packed (rotated, K-centered) space."""
-        fmt = self.format
-        k = dequantize(QuantizedKV(self.k_data[rows], self.k_scale[rows], self.k_zero[rows]), fmt)
-        v = dequantize(QuantizedKV(self.v_data[rows], self.v_scale[rows], self.v_zero[rows]), fmt)
-        return k, v
+        return self.key.read(rows), self.value.read(rows)
 
 
 @dataclass(frozen=True)
