@@ -93,9 +93,9 @@ class Scale:
 
 
 SCALES = {
-    # CPU, the shipped tiny model (2 layers, 1 KV head): 8 x 648 tokens need 2.5x the pool at full precision;
-    # fade's fp16 windows for 8 requests (8 x 144) plus the INT4 middles fit in it.
-    "tiny": Scale(max_total_tokens=2048),
+    # CPU, the shipped tiny model (2 layers, 1 KV head): 8 x 608 tokens need 2.4x the pool at full precision;
+    # fade's fp16 windows for 8 requests (8 x 144) plus the k8v4 middles (balanced) fit in it.
+    "tiny": Scale(max_total_tokens=2048, long_prompt_tokens=560),
     "real": Scale(max_total_tokens=4096, long_prompt_tokens=1200, long_prompt_new_tokens=32,
                   default_model=".cache/models/SmolLM2-135M-Instruct"),
 }
@@ -340,7 +340,7 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 def pool_holds_compressed(stats: dict[str, Any], requests: int, tokens_each: int) -> dict[str, Any]:
     """Whether the fade arena can hold ``requests`` sequences of ``tokens_each`` with sinks + recent window
-    in fp16 and the rest INT4 (what running demotion writes), leaving a tenth for partly filled pages."""
+    in fp16 and the rest in the warm tier (what running demotion writes), leaving a tenth for partly filled pages."""
     cfg = stats.get("config", {})
     keep = min(tokens_each, int(cfg.get("sink_tokens", 16)) + int(cfg.get("recent_window", 128)))
     tiers = list(stats["tiers"].values())

@@ -262,6 +262,7 @@ def run_config(cfg: Config, model: Path, scale: Scale, dtype: str, out_dir: Path
         if fade:
             stats = srv.fade_stats()
             row["pool_bytes"] = stats["pool_bytes"]
+            row["page_bytes"] = stats["pages"]["page_bytes"]  # the arena is whole pages (all layers, K and V)
             # Most tokens the arena holds once compressed (SGLang's token_capacity counts every tier's slot
             # range, an address space); the fp16 count is what it holds before anything is compressed.
             row["capacity_tokens"] = stats["capacity_tokens"]

@@ -570,8 +570,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 def packed_args(p: PackedLayerKV | None, dummy: torch.Tensor) -> tuple[tuple, tuple, dict]:
     """(pointers, row strides, constexprs) of one packed tier for the attention kernels (see
     :func:`tier_constexprs` for the constexprs' names)."""
-    if p is None:
-        return (dummy,) * 7, (0, 0), dict(K_BITS=2, K_GROUP=16, K_SPLIT=1, V_BITS=2, V_GROUP=16)
+    if p is None:  # HAS_<tier> is False: the tier's loop is not compiled, these only fill the signature
+        return (dummy,) * 7, (0, 0), dict(K_BITS=2, K_GROUP=16, K_SPLIT=4, V_BITS=2, V_GROUP=16)
     k, v = p.key, p.value
     d = v.data.shape[-1] * v.fmt.codes_per_byte  # value codes are never split
     return ((k.data, k.data if k.data_b is None else k.data_b, k.scale, k.zero, v.data, v.scale, v.zero),

@@ -25,7 +25,7 @@ from fade_sglang.eval.real_model import EXPECTED_GEOMETRY, check_model_dir, ensu
 
 pytestmark = [pytest.mark.server, pytest.mark.real_model]
 
-CONTROL_MAX_DNLL = 0.03  # nats/token: same KV values, attention computed in float32 instead of bfloat16
+CONTROL_MAX_DNLL = 0.005  # nats/token: same KV values, same SDPA calls; the full run measured -0.0003
 SAFE_MAX_DNLL = 0.1  # nats/token: fade-safe (INT4 history) vs fp16 KV on the fp16 answers
 SAFE_MIN_COMPRESSION = 2.0  # held conversations vs 16-bit KV (INT4 with sinks and shared prefixes in fp16)
 
@@ -72,10 +72,10 @@ def test_doc_qa_quick(smollm2: Path) -> None:
     # and only reported.
     assert fp16.fact_recall[1] == 4 and all(t.strip() for doc in fp16.answer_texts for t in doc)
     assert fp16.passkey["2048"] >= 0.5
-    # control: fade's pool and attention backend, nothing demoted. Not asserted token-identical: in
-    # bfloat16 fade_torch computes attention in float32 and SGLang's torch_native SDPA in bfloat16, so
-    # greedy answers of a real model can part after a near-tie even with nothing compressed; the NLL
-    # of the same answers must agree closely (this is the floor fade's presets are measured against).
+    # control: fade's pool and attention backend, nothing demoted. fade_torch calls SDPA exactly as
+    # torch_native does (bit-identical on the same inputs: tests/test_attention_sdpa.py), yet the full
+    # run kept 10 of 12 answers identical (benchmarks/RESULTS.md): not asserted token-identical, the
+    # NLL of the same answers must agree closely (the floor fade's presets are measured against).
     assert control.demoted_tokens == 0
     assert control.nll is not None and abs(control.nll - fp16.nll) < CONTROL_MAX_DNLL, (control.nll, fp16.nll)
     # fade-safe: the histories really sat in INT4 and came from the cache; quality stays close.

@@ -27,9 +27,10 @@ def test_smoke_scale_fp16_vs_fade_at_equal_bytes(tmp_path: Path) -> None:
     rows = {r["config"]: r for r in data["results"]}
     fp16, fade = rows["fp16"], rows["fade-balanced"]
     assert fade["max_total_tokens"] == fp16["max_total_tokens"]  # the same N: fade's pool is sized like plain KV
-    assert abs(fade["pool_bytes"] - fp16["pool_bytes"]) <= 0.02 * fp16["pool_bytes"]
+    # the same bytes, up to the arena's rounding to whole pages plus its reserve page
+    assert fp16["pool_bytes"] <= fade["pool_bytes"] <= fp16["pool_bytes"] + 2 * fade["page_bytes"]
     assert fade["fp16_capacity_tokens"] >= fp16["capacity_tokens"]  # nothing split off: all of it holds fp16
-    assert fade["capacity_tokens"] > 3 * fp16["capacity_tokens"]  # float32 KV on CPU: ~10x for balanced (INT2)
+    assert fade["capacity_tokens"] > 3 * fp16["capacity_tokens"]  # float32 KV on CPU: ~6x for balanced (INT4 group 32 aged tier)
     scale = serving.SCALES["smoke"]
     assert data["scale_config"]["gsp"]["num-turns"] == scale.gsp["num-turns"] > 1  # the shipped model chats
     expected = {"gsp": scale.gsp["num-groups"] * scale.gsp["prompts-per-group"] * scale.gsp["num-turns"],

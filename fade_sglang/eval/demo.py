@@ -187,6 +187,7 @@ def summarize(geom: KVGeometry, base_tokens: int, preset: str, base: dict[str, A
             "pool_bytes_source": "/fade/stats pool_bytes (the KV arena every tier shares, scales included)",
             "server_kvcache_gb": fade["state"]["memory_usage"]["kvcache"],
             "bytes_per_token": fs["pool_bytes"] / fs["capacity_tokens"],
+            "page_tokens": fs["pages"]["rows_per_page"]["fp16"],  # the arena is whole pages of this many fp16 rows
             "tier_mix": _tier_mix(fs),
             "held_tokens": fs["tokens"],
             "compression_ratio": fs["compression_ratio"],

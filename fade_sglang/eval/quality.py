@@ -205,7 +205,7 @@ class SettingResult:
 
 
 def _wait_aged(srv: ServerProcess, setting: Setting, timeout_s: float, settle_s: float = 1.0,
-               stray_fraction: float = 0.01) -> dict[str, Any]:
+               stray_fraction: float = 0.02) -> dict[str, Any]:
     """Poll until the cached contexts sit in the target tier and nothing has moved for ``settle_s``
     (each poll is a scheduler-loop turn, which is when idle demotion runs).
 

@@ -76,10 +76,6 @@ class PackedLayerKV:
     value: PackedPart
     base: int
 
-    @property
-    def rows(self) -> int:
-        return self.key.data.shape[0]
-
     def dequantize_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 K, V of ``rows`` in the packed (rotated, K-centered) space."""
         return self.key.read(rows), self.value.read(rows)
