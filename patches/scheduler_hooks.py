@@ -8,7 +8,7 @@ Hook points:
   called once per event-loop iteration, after the previous batch's results were
   processed and before the next batch is formed. Fade forces
   ``--disable-overlap-schedule``, so no forward is reading the KV here and
-  rewriting slots (demotion) is safe. Ticks the tree's step clock (under TP every
+  rewriting slots (demotion) is safe. Under TP ticks the tree's step clock (every
   rank takes rank 0's reading: ``step_clock``), relieves memory pressure (below), runs
   ``demote_idle``, and tells the allocator how many requests are live (prefill
   admission waits for them rather than evict for fp16).
@@ -137,13 +137,15 @@ def scheduler_init_hook(result: Any, scheduler: Any, server_args: Any, *args: An
 
 
 def _start_step_clock(scheduler: Any) -> None:
-    """Radix access stamps and idle demotion read the tree's step clock; under TP every rank reads rank 0's."""
+    """Under TP, radix access stamps and idle demotion read the tree's step clock, shared from rank 0. One
+    rank keeps real time (the clock is never ticked): a stamp then is the moment of the access itself, not
+    the start of its scheduler step."""
     from .step_clock import install, tp_share
 
-    clock = scheduler.tree_cache.clock
     if getattr(scheduler, "tp_size", 1) > 1:
+        clock = scheduler.tree_cache.clock
         clock.share = tp_share(scheduler.tp_cpu_group)
-    install(clock)
+        install(clock)
 
 
 def _live_requests(running_batch: Any, last_batch: Any) -> list[Any]:
@@ -217,7 +219,8 @@ def _relieve_pressure(scheduler: Any, tree: Any, reqs: list[Any], state: FadeSch
 def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
     state: FadeSchedulerState = scheduler._fade_state
     tree = scheduler.tree_cache
-    now = tree.clock.tick()  # every rank ticks here, once per step (a collective under TP)
+    # Under TP every rank ticks here, once per step (a collective); one rank reads real time.
+    now = tree.clock.tick() if tree.clock.share is not None else tree.clock.now()
     reqs = _live_requests(running_batch, last_batch)
     chunked = getattr(scheduler, "chunked_req", None)
     running = len(reqs)  # reqs holds each request once

@@ -26,8 +26,8 @@ from fade_sglang.eval.real_model import EXPECTED_GEOMETRY, check_model_dir, ensu
 pytestmark = [pytest.mark.server, pytest.mark.real_model]
 
 CONTROL_MAX_DNLL = 0.005  # nats/token: same KV values, same SDPA calls; the full run measured -0.0003
-SAFE_MAX_DNLL = 0.1  # nats/token: fade-safe (INT4 history) vs fp16 KV on the fp16 answers
-SAFE_MIN_COMPRESSION = 2.0  # held conversations vs 16-bit KV (INT4 with sinks and shared prefixes in fp16)
+SAFE_MAX_DNLL = 0.02  # nats/token: fade-safe (k8v4 history) vs fp16 KV on the fp16 answers (full run: +0.0042)
+SAFE_MIN_COMPRESSION = 2.0  # held conversations vs 16-bit KV (k8v4, at most 2.46x, with sinks and shared prefixes in fp16)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_doc_qa_quick(smollm2: Path) -> None:
     # NLL of the same answers must agree closely (the floor fade's presets are measured against).
     assert control.demoted_tokens == 0
     assert control.nll is not None and abs(control.nll - fp16.nll) < CONTROL_MAX_DNLL, (control.nll, fp16.nll)
-    # fade-safe: the histories really sat in INT4 and came from the cache; quality stays close.
+    # fade-safe: the histories really sat in k8v4 and came from the cache; quality stays close.
     assert safe.demoted_tokens > 0 and safe.cached_min_fraction > 0.99
     assert safe.compression_vs_16bit is not None and safe.compression_vs_16bit >= SAFE_MIN_COMPRESSION
     assert safe.nll is not None and math.isfinite(safe.nll)
