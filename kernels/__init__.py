@@ -14,7 +14,7 @@ only, the interpreter mishandles bf16). The torch reference in
 """
 
 from .decode import DecodeWorkspace, TierPartition, default_num_kv_splits, supported_head_dim
-from .dispatch import decode_attention, extend_attention, packed_part, partition_by_tier, quantize, quantize_rows
+from .dispatch import decode_attention, extend_attention, partition_by_tier, quantize, quantize_rows
 
 __all__ = [
     "DecodeWorkspace",
@@ -22,7 +22,6 @@ __all__ = [
     "decode_attention",
     "default_num_kv_splits",
     "extend_attention",
-    "packed_part",
     "partition_by_tier",
     "quantize",
     "quantize_rows",

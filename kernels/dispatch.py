@@ -22,7 +22,7 @@ from .decode import partition_by_tier as _partition
 from .extend import launch_extend
 from .quantize import launch_quantize
 
-__all__ = ["decode_attention", "extend_attention", "packed_part", "partition_by_tier", "quantize", "quantize_rows"]
+__all__ = ["decode_attention", "extend_attention", "partition_by_tier", "quantize", "quantize_rows"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -296,12 +296,6 @@ def quantize_rows(src: torch.Tensor, dst: PackedPart, dst_rows: torch.Tensor, *,
     launch_quantize(src, src_rows, dst, dst_rows, rotation, k_center)
 
 
-def packed_part(fmt: QuantFormat, layers: int, rows: int, heads: int, head_dim: int,
-                device: torch.device | str, split: int | None = None) -> PackedPart:
-    """A standalone zeroed :class:`PackedPart` ``[layers, rows, heads, X]`` (see :meth:`PackedPart.zeros`)."""
-    return PackedPart.zeros(fmt, layers, rows, heads, head_dim, device, split)
-
-
 def quantize(x: torch.Tensor, fmt: QuantFormat) -> QuantizedKV:
     """Kernel twin of :func:`fade_sglang.quant.quantize` for ``x [..., D]`` (bit-exact without clip search)."""
     d = x.shape[-1]
@@ -309,7 +303,7 @@ def quantize(x: torch.Tensor, fmt: QuantFormat) -> QuantizedKV:
     lead = x.shape[:-1]
     flat = x.reshape(1, -1, 1, d)
     n = flat.shape[1]
-    part = packed_part(fmt, 1, n, 1, d, x.device)
+    part = PackedPart.zeros(fmt, 1, n, 1, d, x.device)
     quantize_rows(flat, part, torch.arange(n, device=x.device))
     return QuantizedKV(part.data[0, :, 0].reshape(*lead, -1), part.scale[0, :, 0].reshape(*lead, -1),
                        part.zero[0, :, 0].reshape(*lead, -1))

@@ -24,7 +24,7 @@ import torch
 from fade_sglang.config import FadeConfig
 from fade_sglang.pool.layout import Tier
 from fade_sglang.patches.pool import TieredKVPool
-from fade_sglang.pool.view import TieredLayerKV
+from fade_sglang.pool.view import PackedPart, TieredLayerKV
 from fade_sglang.quant import QuantFormat, dequantize, quantize, unpack_codes
 from fade_sglang.eval.synthetic import synthetic_kv
 from test_attention_reference import (
@@ -226,7 +226,7 @@ def test_quantize_rows_fused_rotation_matches_pool_demotion(key_bits):
     rows = new - pool.layout.warm_base
     assert (store.key.data_b is not None) == (key_bits == 8)
     for kv, want in enumerate((store.key, store.value)):
-        got = K.packed_part(want.fmt, 3, want.data.shape[1], 2, 64, "cpu", split=want.split)
+        got = PackedPart.zeros(want.fmt, 3, want.data.shape[1], 2, 64, "cpu", split=want.split)
         K.quantize_rows(pool.kv_fp16[:, kv], got, rows, src_rows=slots, rotation=pool.rotation,
                         k_center=pool.k_center if kv == 0 else None)
         bits = want.fmt.bits
@@ -279,7 +279,7 @@ def test_input_validation_errors(monkeypatch):
         K.extend_attention(q, q[:, :2, :32], q[:, :2], view, torch.tensor([0, 1]), case.kv_indptr,
                            case.kv_indices, 0.1)
     fmt = QuantFormat(4, 64)
-    wrong = K.packed_part(QuantFormat(8, 64), 1, 3, 2, 64, "cpu")  # 64 code bytes per head where INT4 has 32
+    wrong = PackedPart.zeros(QuantFormat(8, 64), 1, 3, 2, 64, "cpu")  # 64 code bytes per head where INT4 has 32
     with pytest.raises(ValueError, match="dst.data has shape"):
         K.quantize_rows(torch.zeros(1, 3, 2, 64), type(wrong)(fmt, wrong.data, wrong.scale, wrong.zero), torch.arange(3))
     with pytest.raises(ValueError, match="no data_b"):

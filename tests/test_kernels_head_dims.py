@@ -28,6 +28,7 @@ from fade_sglang.config import FadeConfig
 from fade_sglang.eval.synthetic import synthetic_kv
 from fade_sglang.patches.pool import TieredKVPool
 from fade_sglang.pool.layout import Tier
+from fade_sglang.pool.view import PackedPart
 from fade_sglang.quant import QuantFormat, QuantizedKV, dequantize, quantize, rotation_matrix, unpack_codes
 from test_attention_reference import (
     _Layer,
@@ -158,7 +159,7 @@ def test_quantize_rows_fused_rotation_matches_pool_demotion(head_dim):
         rows = new - base
         for kv, want in enumerate((store.key, store.value)):
             bits = want.fmt.bits
-            got = K.packed_part(want.fmt, 2, want.data.shape[1], 2, head_dim, "cpu")
+            got = PackedPart.zeros(want.fmt, 2, want.data.shape[1], 2, head_dim, "cpu")
             K.quantize_rows(pool.kv_fp16[:, kv], got, rows, src_rows=part, rotation=pool.rotation,
                             k_center=pool.k_center if kv == 0 else None)
             diff = (unpack_codes(got.codes(rows), bits).int() - unpack_codes(want.codes(rows), bits).int()).abs()
@@ -179,7 +180,7 @@ def test_whole_row_group_kernels_via_launchers():
     for fmt in (QuantFormat(4, 128), QuantFormat(2, 128, clip_search=True)):
         assert fmt.group_size_for(d) == d
         n = k.shape[0] * k.shape[1]
-        dst = K.packed_part(fmt, 1, n, 1, d, "cpu")
+        dst = PackedPart.zeros(fmt, 1, n, 1, d, "cpu")
         quantize_mod.launch_quantize(k.reshape(1, n, 1, d), None, dst, torch.arange(n), None, None)
         got = QuantizedKV(dst.data[0, :, 0], dst.scale[0, :, 0], dst.zero[0, :, 0])
         want = quantize(k.reshape(n, d), fmt)
