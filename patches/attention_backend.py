@@ -36,7 +36,7 @@ import logging
 from typing import Any, Callable, Optional
 
 import torch
-from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend, SharedReadEnds
 
 from fade_sglang.pool.layout import Tier
 from fade_sglang.pool.view import TieredLayerKV
@@ -224,6 +224,17 @@ class FadeAttnBackend(AttentionBackend):
         self._graph: Optional[_GraphState] = None
         logger.info("[fade] attention backend %s (%s)", self.name,
                     "Triton mixed-tier kernels" if use_triton else "torch SDPA, torch_native's numerics")
+
+    def shared_read_ends(self, fm: Any) -> SharedReadEnds:
+        """Where this backend's reads of scheduler-written data end: at the end of the forward, in every mode.
+
+        Under the overlap schedule the scheduler's stream runs the next step's bookkeeping while a forward
+        is in flight, and fade's demotion is such bookkeeping: it reads fp16 slots, writes packed rows into
+        pages the forward may just have released, and rewrites ``req_to_token`` rows. Every layer of the
+        forward reads the pool, so no earlier point is safe; UNKNOWN makes SGLang's write-after-read
+        barrier wait for the whole forward (``Scheduler._apply_war_barrier``), which orders each demotion
+        after the forward before it and before the forward after it."""
+        return SharedReadEnds.UNKNOWN
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         mode = forward_batch.forward_mode

@@ -4,12 +4,15 @@ Hook points:
 
 * ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AFTER): attaches the fade
   state, clamps the prefill chunk to half the arena at full precision, starts stats.
+* ``sglang.srt.managers.scheduler.Scheduler.ingest_requests`` (BEFORE): under TP, ticks the tree's step
+  clock (every rank takes rank 0's reading: ``step_clock``) before SGLang matches and stamps new requests'
+  prefixes, so every stamp of a step reads that step's time.
 * ``sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run`` (AROUND):
-  called once per event-loop iteration, after the previous batch's results were
-  processed and before the next batch is formed. Fade forces
-  ``--disable-overlap-schedule``, so no forward is reading the KV here and
-  rewriting slots (demotion) is safe. Under TP ticks the tree's step clock (every
-  rank takes rank 0's reading: ``step_clock``), relieves memory pressure (below), runs
+  called once per event-loop iteration, before the next batch is formed (without the overlap
+  schedule the previous batch's results are processed by then; with it, one batch later). Demotion
+  here rewrites slots on the scheduler's stream; with overlap a forward may still be in flight, and
+  SGLang's write-after-read barrier orders this work after it (fade's backends declare they read until
+  the end of the forward: ``attention_backend.FadeAttnBackend.shared_read_ends``). Relieves memory pressure (below), runs
   ``demote_idle``, and tells the allocator how many requests are live (prefill
   admission waits for them rather than evict for fp16).
 
@@ -57,6 +60,7 @@ class FadeSchedulerState:
         self.demotion_passes = 0
         self.pressure_demotions = 0  # passes that shrank the recent window to keep decoding
         self.pressure_steps = 0  # steps that compressed something because fp16 room ran short
+        self.clock_ticked = False  # this step's shared clock tick already happened (before ingest_requests)
 
     @property
     def retracted_requests(self) -> int:
@@ -216,11 +220,29 @@ def _relieve_pressure(scheduler: Any, tree: Any, reqs: list[Any], state: FadeSch
             state.pressure_demotions += 1
 
 
+def tick_before_ingest(scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE ``Scheduler.ingest_requests``, the first thing of every event-loop iteration: under TP, tick the
+    shared step clock here, so the prefixes SGLang matches (and stamps) for new requests read this step's time,
+    not the previous step's. One rank keeps real time and ticks nothing."""
+    state: FadeSchedulerState | None = getattr(scheduler, "_fade_state", None)
+    if state is not None and scheduler.tree_cache.clock.share is not None:
+        scheduler.tree_cache.clock.tick()
+        state.clock_ticked = True
+
+
+def step_now(state: FadeSchedulerState, clock: Any) -> float:
+    """The time this step's decisions read. Under TP the clock ticks once per step on every rank (a collective):
+    before ``ingest_requests`` when that hook ran, else here (a loop that does not call it)."""
+    if clock.share is not None and not state.clock_ticked:
+        clock.tick()
+    state.clock_ticked = False
+    return clock.now()
+
+
 def between_steps(scheduler: Any, running_batch: Any, last_batch: Any) -> None:
     state: FadeSchedulerState = scheduler._fade_state
     tree = scheduler.tree_cache
-    # Under TP every rank ticks here, once per step (a collective); one rank reads real time.
-    now = tree.clock.tick() if tree.clock.share is not None else tree.clock.now()
+    now = step_now(state, tree.clock)
     reqs = _live_requests(running_batch, last_batch)
     chunked = getattr(scheduler, "chunked_req", None)
     running = len(reqs)  # reqs holds each request once
@@ -247,7 +269,8 @@ def next_batch_hook(original: Callable[..., Any], scheduler: Any, *args: Any, **
 
 
 def register_scheduler_hooks(register: Callable[[str, Callable[..., Any], Any], None], after: Any,
-                             around: Any) -> None:
+                             around: Any, before: Any) -> None:
     register(f"{_SCHEDULER}.__init__", scheduler_init_hook, after)
+    register(f"{_SCHEDULER}.ingest_requests", tick_before_ingest, before)
     register(f"{_SCHEDULER}.get_next_batch_to_run", next_batch_hook, around)
     register("sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", retract_decode_hook, after)

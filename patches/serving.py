@@ -5,8 +5,8 @@ Per process:
 * every process: the ``fade_torch`` / ``fade_triton`` attention-backend CLI choices (the launcher
   builds its parser after plugins load) and a BEFORE hook on
   ``sglang.srt.server_args.ServerArgs.resolve_once`` that fills fade's defaults
-  (attention backend ``fade_triton`` on CUDA / ``fade_torch`` on CPU, radix backend ``fade``,
-  no overlap schedule; decode CUDA graphs with ``fade_triton`` on CUDA, no prefill CUDA graphs,
+  (attention backend ``fade_triton`` on CUDA / ``fade_torch`` on CPU, radix backend ``fade``;
+  the overlap schedule stays as the user set it; decode CUDA graphs with ``fade_triton`` on CUDA, no prefill CUDA graphs,
   none at all otherwise)
   and rejects an attention backend that cannot read packed tiers;
 * the launcher (main process, no scheduler): the ``GET /fade/stats`` route,
@@ -58,8 +58,9 @@ def apply_serving_defaults(server_args: Any) -> None:
         from .scheduler_hooks import RADIX_BACKEND_NAME
 
         server_args.radix_cache_backend = RADIX_BACKEND_NAME
-    # Demotion rewrites KV slots between steps; an overlapped forward could still be reading them.
-    server_args.disable_overlap_schedule = True
+    # The overlap schedule stays on: demotion runs on the scheduler's stream between steps, and fade's
+    # backends declare their reads unaudited (``FadeAttnBackend.shared_read_ends``), so SGLang fences that
+    # stream behind the whole in-flight forward before anything rewrites a slot it reads.
     # fade_triton captures decode CUDA graphs (attention_backend.py); no fade backend has a prefill
     # (breakable / full) graph path, which SGLang turns on by default on CUDA; fade_torch has none.
     from .attention_backend import TRITON_BACKEND, default_backend
@@ -97,7 +98,7 @@ def install_serving_hooks(in_runtime_process: bool) -> None:
         register_radix_backend()
         register_pool_hooks(register, HookType.AROUND)
         register_allocator_hooks(register, HookType.AROUND)
-        register_scheduler_hooks(register, HookType.AFTER, HookType.AROUND)
+        register_scheduler_hooks(register, HookType.AFTER, HookType.AROUND, HookType.BEFORE)
         register_stats_hooks(register, HookType.AFTER)
     elif multiprocessing.parent_process() is None:
         from .stats import http_launch_hook

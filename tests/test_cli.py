@@ -286,7 +286,13 @@ def test_serving_defaults_capture_decode_graphs_only_with_the_triton_backend_on_
     gpu = _fade_record("cuda")
     apply_serving_defaults(gpu)
     assert gpu.attention_backend == "fade_triton" and gpu.radix_cache_backend == "fade"
-    assert not gpu.disable_cuda_graph and gpu.disable_prefill_cuda_graph and gpu.disable_overlap_schedule
+    assert not gpu.disable_cuda_graph and gpu.disable_prefill_cuda_graph
     for record in (_fade_record("cpu"), _fade_record("cuda", attention_backend="fade_torch")):
         apply_serving_defaults(record)
-        assert record.disable_cuda_graph and record.disable_overlap_schedule
+        assert record.disable_cuda_graph
+    # The overlap schedule is the user's choice: fade leaves it as set (its backends declare a whole-forward
+    # read fence instead, see test_backend_fences_the_whole_forward_for_overlapped_demotion).
+    for overlap_off in (False, True):
+        record = _fade_record("cuda", disable_overlap_schedule=overlap_off)
+        apply_serving_defaults(record)
+        assert record.disable_overlap_schedule is overlap_off

@@ -7,7 +7,8 @@ Three servers for the module (each ~20-100 s to start on a busy 2-core box):
 * ``fade_small``: balanced tiers with tiny windows and second-scale idle thresholds, so tokens
   are demoted while requests run and while the tree idles.
 
-The fade servers run with ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1``: SGLang asserts
+The fade servers run SGLang's overlap schedule (demotion between overlapped steps), except ``fade_triton``
+(the non-overlapped loop). The fade servers run with ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1``: SGLang asserts
 ``available + evictable + protected + uncached == max_total_num_tokens`` after every step,
 which checks the tiered allocator's accounting continuously.
 """
@@ -73,8 +74,9 @@ def fade_small(tiny_model_dir: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def fade_triton(tiny_model_dir: Path) -> Iterator[ServerProcess]:
-    """The same tiers read by the Triton kernels (TRITON_INTERPRET=1 on CPU, set by conftest)."""
-    args = [a if a != "fade_torch" else "fade_triton" for a in SMALL_WINDOW_ARGS]
+    """The same tiers read by the Triton kernels (TRITON_INTERPRET=1 on CPU, set by conftest), and the one fade
+    server here without the overlap schedule (SGLang's default, which every other server keeps)."""
+    args = [a if a != "fade_torch" else "fade_triton" for a in SMALL_WINDOW_ARGS] + ["--disable-overlap-schedule"]
     yield from _server(tiny_model_dir, args, FADE_TOKENS, STRICT_ENV)
 
 
@@ -200,8 +202,11 @@ def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerPr
 
 def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: ServerProcess, fade_triton: ServerProcess,
                                                                  tokenizer: Any) -> None:
-    """The fused mixed-tier kernels behind a real server give the torch reference's predictions."""
+    """The fused mixed-tier kernels behind a real server give the torch reference's predictions; the torch
+    server runs the overlap schedule (demotion between overlapped steps), the Triton one does not."""
     assert "attention backend fade_triton (Triton mixed-tier kernels)" in fade_triton.log_text()
+    assert fade_small.request("/server_info")["disable_overlap_schedule"] is False
+    assert fade_triton.request("/server_info")["disable_overlap_schedule"] is True
     ids = _ids(tokenizer, 48, 7)
     cont = fade_small.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
     agreement = []

@@ -141,3 +141,35 @@ def test_radix_stamps_read_the_installed_clock() -> None:
     step_clock.install(clock)
     node = radix_module.TreeNode()
     assert node.last_access_time == 42.0 and radix_module.time.perf_counter() > 0  # the rest is real time
+
+
+def test_step_ticks_once_before_ingest_so_new_stamps_read_this_step() -> None:
+    """Under TP the clock ticks before ``ingest_requests`` (where SGLang matches and stamps new requests'
+    prefixes) and between_steps reads that tick; a loop that skips the ingest hook still ticks once per step.
+    One rank never ticks (real time)."""
+    from types import SimpleNamespace
+
+    from fade_sglang.patches.scheduler_hooks import FadeSchedulerState, step_now, tick_before_ingest
+
+    t = {"now": 10.0}
+    ticks: list[float] = []
+
+    def share(reading: float) -> float:  # the collective: count it
+        ticks.append(reading)
+        return reading
+
+    clock = StepClock(lambda: t["now"], share)
+    state = FadeSchedulerState(cfg=None, reporter=None)
+    scheduler = SimpleNamespace(_fade_state=state, tree_cache=SimpleNamespace(clock=clock))
+    step_clock.install(clock)
+    tick_before_ingest(scheduler)
+    t["now"] = 11.0  # the step goes on: matching a new request's prefix stamps it
+    stamp = radix_module.TreeNode().last_access_time
+    assert stamp == 10.0 and step_now(state, clock) == 10.0 and len(ticks) == 1
+    t["now"] = 12.0  # a step whose loop did not call the ingest hook ticks in between_steps
+    assert step_now(state, clock) == 12.0 and len(ticks) == 2
+    single = StepClock(lambda: t["now"])
+    tick_before_ingest(SimpleNamespace(_fade_state=state, tree_cache=SimpleNamespace(clock=single)))
+    t["now"] = 13.0
+    assert not single.ticking and step_now(state, single) == 13.0
+    tick_before_ingest(SimpleNamespace(tree_cache=None))  # not a fade scheduler: nothing
