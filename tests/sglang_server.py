@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from fade_sglang.cpu_shims import SITE_DIR as CPU_SHIMS_SITE_DIR  # noqa: F401
 
@@ -23,6 +23,16 @@ from fade_sglang.cpu_shims import SITE_DIR as CPU_SHIMS_SITE_DIR  # noqa: F401
 
 # The tiny model and its corpus live in the package (the demo builds one when none is shipped).
 from fade_sglang.eval.tiny_model import build_tiny_llama, build_tokenizer, english_like_corpus  # noqa: E402,F401
+
+
+def corpus_ids(tokenizer: Any, n: int, seed: int) -> list[int]:
+    """The first ``n`` token ids of the seeded English-like corpus (a prompt of realistic text)."""
+    ids: list[int] = []
+    for line in english_like_corpus(num_sentences=200, seed=seed):
+        ids += tokenizer(" " + line)["input_ids"]
+        if len(ids) >= n:
+            return ids[:n]
+    raise AssertionError("corpus too short")
 
 
 def hf_greedy(model_path: str | os.PathLike, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 
 from fade_sglang.eval.doc_qa import CONTROL_EXTRA
-from sglang_server import ServerProcess, english_like_corpus
+from sglang_server import ServerProcess, corpus_ids as _ids
 
 pytestmark = pytest.mark.server
 
@@ -46,14 +46,6 @@ def plain_bf16(tiny_model_dir: Path) -> Iterator[ServerProcess]:
 def control_bf16(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     yield from _server(tiny_model_dir, CONTROL_ARGS)
 
-
-def _ids(tokenizer: Any, n: int, seed: int) -> list[int]:
-    ids: list[int] = []
-    for line in english_like_corpus(num_sentences=200, seed=seed):
-        ids += tokenizer(" " + line)["input_ids"]
-        if len(ids) >= n:
-            return ids[:n]
-    raise AssertionError("corpus too short")
 
 
 def _answer(srv: ServerProcess, ids: list[int], stop: int | None = None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import pytest
 
 from fade_sglang.config import FadeConfig
 
-from sglang_server import ServerProcess, english_like_corpus
+from sglang_server import ServerProcess, corpus_ids as _ids
 
 pytestmark = pytest.mark.server
 
@@ -86,14 +86,6 @@ def tokenizer(tiny_model_dir: Path) -> Any:
 
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
-
-def _ids(tokenizer: Any, n: int, seed: int) -> list[int]:
-    ids: list[int] = []
-    for line in english_like_corpus(num_sentences=200, seed=seed):
-        ids += tokenizer(" " + line)["input_ids"]
-        if len(ids) >= n:
-            return ids[:n]
-    raise AssertionError("corpus too short")
 
 
 def _wait_demoted_prefix(srv: ServerProcess, min_warm: int, timeout_s: float = 10.0) -> None:
