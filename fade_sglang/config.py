@@ -51,6 +51,13 @@ class FadeConfig:
     # a tier may give them more bits than its values. 0 = the tier's bits.
     warm_key_bits: int = 0
     cold_key_bits: int = 0
+    # Layers whose packed records get more bits (keys at least protected_key_bits, values at least
+    # protected_value_bits) in bigger pages: on SmolLM2 two of 30 layers carry three quarters of the INT4
+    # error (find them with ``python -m fade_sglang.eval.sensitivity --per-layer``). Model-specific, so no
+    # preset sets it. Each costs a quarter-page step more bytes per page in that layer, fp16 pages included.
+    protected_layers: tuple[int, ...] = ()
+    protected_key_bits: int = 8
+    protected_value_bits: int = 4
     rotation: bool = True  # fixed randomized Hadamard over head_dim (K, q, V; output un-rotated)
     rotation_seed: int = 0
     center_keys: bool = True  # subtract a per-(layer, head) key mean frozen at first demotion
@@ -72,6 +79,9 @@ class FadeConfig:
     stats_interval_seconds: float = 30.0  # period of the tier-stats log line (0 = off)
 
     def __post_init__(self) -> None:
+        layers = self.protected_layers
+        if isinstance(layers, (list, tuple)) and _all_ints(layers):  # JSON gives lists; keep one sorted tuple
+            object.__setattr__(self, "protected_layers", tuple(sorted(set(layers))))
         self._validate()
 
     # ------------------------------------------------------------------ validation
@@ -98,6 +108,12 @@ class FadeConfig:
                  f"must be 0 (= the tier's bits) or one of {SUPPORTED_BITS}, got {v!r}")
         need(self.key_bits[1] <= self.key_bits[0], "cold_key_bits",
              f"(keys: {self.key_bits[1]}) must not exceed the warm tier's key bits ({self.key_bits[0]})")
+        layers = self.protected_layers
+        need(isinstance(layers, tuple) and _all_ints(layers) and all(l >= 0 for l in layers), "protected_layers",
+             f"must be a list of layer indices >= 0, got {layers!r}")
+        for knob in ("protected_key_bits", "protected_value_bits"):
+            v = getattr(self, knob)
+            need(v in SUPPORTED_BITS and not isinstance(v, bool), knob, f"must be one of {SUPPORTED_BITS}, got {v!r}")
         for knob in ("warm_group_size", "cold_group_size"):
             v = getattr(self, knob)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, knob, f"must be a positive integer, got {v!r}")
@@ -159,6 +175,13 @@ class FadeConfig:
     @property
     def cold_key_format(self) -> QuantFormat:
         return QuantFormat(self.key_bits[1], self.cold_group_size, self.clip_search)
+
+    def protected_formats(self, tier: int) -> tuple[QuantFormat, QuantFormat]:
+        """(key, value) formats of packed ``tier`` (1 warm, 2 cold) in a protected layer: the tier's
+        formats with at least ``protected_key_bits`` / ``protected_value_bits``."""
+        key, value = ((self.warm_key_format, self.warm_format) if tier == 1 else (self.cold_key_format, self.cold_format))
+        return (dataclasses.replace(key, bits=max(key.bits, self.protected_key_bits)),
+                dataclasses.replace(value, bits=max(value.bits, self.protected_value_bits)))
 
     def tier_display_names(self) -> tuple[str, str, str]:
         def name(key: int, value: int) -> str:
@@ -222,15 +245,27 @@ class FadeConfig:
     def summary(self) -> str:
         names = self.tier_display_names()
         caps = " ".join(f"{n}<={x:.0%}" for n, x in zip(names[1:], self.max_shares[1:]) if x > 0) or "none"
+        protected = (f" protected_layers={','.join(map(str, self.protected_layers))}"
+                     f"(k>={self.protected_key_bits},v>={self.protected_value_bits})" if self.protected_layers else "")
         return (f"preset={self.preset} sinks={self.sink_tokens} recent={self.recent_window} "
-                f"packed[{caps}] rotation={'on' if self.rotation else 'off'} eviction={'on' if self.eviction else 'off'}")
+                f"packed[{caps}]{protected} rotation={'on' if self.rotation else 'off'} "
+                f"eviction={'on' if self.eviction else 'off'}")
+
+
+def _all_ints(values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
     if not isinstance(value, str):
         return value
     text = value.strip()
     try:
+        if isinstance(current, tuple):  # "18,23", "[18, 23]" or "" (none)
+            text = text.strip("[]() ")
+            return tuple(int(x) for x in text.replace(",", " ").split())
         if isinstance(current, bool):
             if text.lower() in ("1", "true", "yes", "on"):
                 return True

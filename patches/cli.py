@@ -192,10 +192,11 @@ def _head_dim(hf_config: Any) -> int | None:
     return getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
 
 
-def check_model(model_path: str, trust_remote_code: bool = False, device: str | None = "cpu") -> None:
+def check_model(model_path: str, trust_remote_code: bool = False, device: str | None = "cpu",
+                cfg: FadeConfig | None = None) -> None:
     """Reject a model fade cannot serve, at start-up (raises FadeConfigError). A config that does not
     load here is left to SGLang, which reports its own error. On CUDA (the Triton kernels' device) the
-    head_dim must be one the kernels tile."""
+    head_dim must be one the kernels tile; ``cfg``'s protected layers must exist in the model."""
     try:
         from transformers import AutoConfig
 
@@ -213,6 +214,10 @@ def check_model(model_path: str, trust_remote_code: bool = False, device: str | 
     if why is not None:
         raise FadeConfigError(f"--kv-compression fade cannot serve {model_path}: {why} "
                               f"(fade supports MHA/GQA decoder models with full attention)")
+    layers = getattr(getattr(hf_config, "get_text_config", lambda: hf_config)(), "num_hidden_layers", None)
+    bad = [l for l in (cfg.protected_layers if cfg else ()) if isinstance(layers, int) and l >= layers]
+    if bad:
+        raise FadeConfigError(f"fade config: protected_layers {bad} out of range ({model_path} has {layers} layers)")
 
 
 def resolved_device(device: str | None) -> str:
@@ -286,7 +291,7 @@ def from_cli_args_hook(original: Callable[..., Any], cls: type, args: argparse.N
         return server_args
     try:
         check_model(server_args.model_path, bool(getattr(server_args, "trust_remote_code", False)),
-                    _triton_device(server_args))
+                    _triton_device(server_args), cfg)
     except FadeConfigError as e:
         fail(str(e))
     store_on_server_args(server_args, cfg, from_cli=True)

@@ -72,3 +72,18 @@ class TieredKVPool(TieredKVStore, MHATokenToKVPool):
             if loc.numel() == 0:  # every row was a packed slot
                 return
         super().set_kv_buffer(layer, loc, cache_k, cache_v, k_scale, v_scale, layer_id_override, dcp_kv_mask)
+
+    def _store_kv_layer(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+        """SGLang's row-copy kernels assume unpadded rows; a protected layer's fp16 rows are padded to its
+        bigger page records, so its writes go through plain strided indexing."""
+        k_buf, v_buf = self.k_buffer[layer_idx], self.v_buffer[layer_idx]
+        if k_buf.is_contiguous():
+            super()._store_kv_layer(layer_idx, loc, cache_k, cache_v)
+            return
+        k_buf[loc] = cache_k
+        v_buf[loc] = cache_v
+
+    def get_kv_size_bytes(self) -> tuple[int, int]:
+        """(K bytes, V bytes) of the arena: the fp16 views would miss protected layers' row padding."""
+        half = self.arena_nbytes() // 2
+        return half, half

@@ -77,6 +77,10 @@ def check_model_supported(kvc: Any, cfg: FadeConfig) -> None:
             fmt.check_head_dim(mc.head_dim)
         except ValueError as e:
             problems.append(str(e))
+    layers = getattr(getattr(kvc, "layer_info", None), "num_effective_layers", None)
+    bad = [l for l in cfg.protected_layers if layers is not None and l >= layers]
+    if bad:
+        problems.append(f"protected_layers {bad} out of range (the model has {layers} layers)")
     if problems:
         raise FadeSetupError("--kv-compression fade cannot serve this setup: " + problems[0])
 
@@ -131,6 +135,8 @@ def log_tier_split(pool: Any) -> None:
                 "full precision and up to %d compressed (%.2fx); pages go to whichever tier needs them (%s)",
                 (k + v) / 2**20, pool.pages, geom.page_bytes, rows, pool.layout.fp16_slots, pool.max_tokens(),
                 pool.max_tokens() / pool.layout.fp16_slots, pool.fade_config.summary())
+    if pool.protection_summary():
+        logger.info("[fade] %s", pool.protection_summary())
 
 
 def register_pool_hooks(register: Callable[[str, Callable[..., Any], Any], None], around: Any) -> None:

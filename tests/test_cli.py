@@ -193,6 +193,16 @@ def test_head_dims_the_triton_kernels_cannot_tile_are_rejected_on_cuda_only(tmp_
     cli.check_model(str(tmp_path), device="cuda")
 
 
+def test_protected_layers_beyond_the_model_are_one_line(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", num_hidden_layers=4).save_pretrained(tmp_path)
+    cli.check_model(str(tmp_path), cfg=FadeConfig(protected_layers=(0, 3)))
+    with pytest.raises(FadeConfigError, match=r"protected_layers \[4, 9\] out of range .* has 4 layers") as exc:
+        cli.check_model(str(tmp_path), cfg=FadeConfig(protected_layers=(1, 4, 9)))
+    assert "\n" not in str(exc.value)
+
+
 @pytest.mark.parametrize("model_type,fields", [("llama", {}), ("qwen2", {"use_sliding_window": False}),
                                                ("mistral", {"sliding_window": None})])
 def test_plain_mha_gqa_models_pass_the_model_check(tmp_path: Path, model_type: str, fields: dict) -> None:

@@ -196,6 +196,56 @@ def test_decode_and_extend_with_keys_at_more_bits(head_dim, group, dtype, key_bi
     assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.1, dequantized=True)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("head_dim,group,dtype", [(64, 3, torch.float16), (128, 4, torch.float32)])
+def test_decode_and_extend_over_a_protected_layer(head_dim, group, dtype):
+    """A protected layer: padded fp16 rows (row stride past H * D) and the grown records' formats (8-bit keys,
+    spilled key codes) read in place by both kernels."""
+    case = build_case([1, 45, 0, 70], head_dim=head_dim, dtype=dtype, seed=head_dim + group, protected_layers=(0,))
+    view = case.view
+    assert case.pool.protected_layers == (0,) and not view.k_fp16.is_contiguous()
+    assert view.k_fp16.stride(0) > view.k_fp16.shape[1] * head_dim
+    assert view.warm.key.fmt.bits == 8 and view.cold.key.fmt.bits == 8 and view.cold.value.fmt.bits >= 4
+    q = request_queries(case, group).to(dtype)
+    scale = head_dim ** -0.5
+    out = K.decode_attention(q, view, case.kv_indptr, case.kv_indices, scale, num_kv_splits=2)
+    assert rel_err(out, dense_decode(q.double(), case, scale, dequantized=True)) < TOL[dtype]
+    q, kn, vn, qo = _extend_inputs(case, [3, 4, 1, 17], group)
+    q, kn, vn = q.to(dtype), kn.to(dtype), vn.to(dtype)
+    out = K.extend_attention(q, kn, vn, view, qo, case.kv_indptr, case.kv_indices, 0.1)
+    assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.1, dequantized=True)) < TOL[dtype]
+
+
+def _fill_layers(pool: TieredKVPool, n: int) -> torch.Tensor:
+    """``n`` new fp16 slots holding synthetic K/V (outlier channels) in every layer, written through SGLang's path."""
+    slots = pool.alloc(n)
+    for layer in range(pool.layer_num):
+        k, v = synthetic_kv(n, pool.head_num, pool.head_dim, seed=layer)
+        _Layer.layer_id = layer
+        pool.set_kv_buffer(_Layer, slots, k.half(), v.half())
+    _Layer.layer_id = 0
+    return slots
+
+
+def test_fused_demotion_per_layer_group_matches_torch_path():
+    """The pool's fused quantize launch runs once per layer group (protected layers: their own formats and
+    padded fp16 rows); what it stores reads back like the torch path's."""
+    cfg = FadeConfig(clip_search=False, protected_layers=(1,))
+    pools = [TieredKVPool(600, 1, torch.float16, 2, 64, 3, "cpu", False, fade_config=cfg, demote_kernel=on)
+             for on in (False, True)]
+    assert pools[1].quantize_rows_fn is not None and len(pools[1].groups) == 2
+    n = 48
+    new = []
+    for pool in pools:
+        slots = _fill_layers(pool, n)
+        first = pool.demote(slots[:8], Tier.WARM)  # torch path on both: freezes the key centers
+        rest = pool.demote(slots[8:], Tier.WARM)  # fused kernel on the second pool
+        new.append(torch.cat((first, pool.demote(rest[:20], Tier.COLD), rest[20:])))
+    assert torch.equal(new[0], new[1])
+    for layer in range(3):
+        (k0, v0), (k1, v1) = (p.read_kv(layer, s) for p, s in zip(pools, new))
+        assert rel_err(k1, k0) < 0.05 and rel_err(v1, v0) < 0.1  # a code step at most, on a few values
+
+
 @pytest.mark.parametrize("bits,group,head_dim,src_dtype", [
     (4, 64, 64, torch.float32), (2, 32, 128, torch.float32), (8, 64, 128, torch.float16), (2, 16, 64, torch.float16),
 ])
@@ -215,12 +265,7 @@ def test_quantize_rows_fused_rotation_matches_pool_demotion(key_bits):
     cfg = FadeConfig(clip_search=False, warm_key_bits=key_bits)  # INT4 and INT2 on; the tiers share the arena
     pool = TieredKVPool(2000, 1, torch.float16, 2, 64, 3, "cpu", False, fade_config=cfg)
     n = 40
-    slots = pool.alloc(n)
-    for layer in range(3):
-        k, v = synthetic_kv(n, 2, 64, seed=layer)
-        _Layer.layer_id = layer
-        pool.set_kv_buffer(_Layer, slots, k.half(), v.half())
-    _Layer.layer_id = 0
+    slots = _fill_layers(pool, n)
     new = pool.demote(slots, Tier.WARM)  # torch path; freezes the key centers (freed fp16 rows keep their data)
     store = pool.stores[Tier.WARM]
     rows = new - pool.layout.warm_base

@@ -80,6 +80,13 @@ def fade_triton(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     yield from _server(tiny_model_dir, args, FADE_TOKENS, STRICT_ENV)
 
 
+@pytest.fixture  # one test uses it
+def fade_protected(tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    """fade_small's tiers with layer 1 (of 2) protected: more bits in bigger pages."""
+    yield from _server(tiny_model_dir, SMALL_WINDOW_ARGS + ["--fade-set", "protected_layers=1"], FADE_TOKENS,
+                       STRICT_ENV)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir: Path) -> Any:
     from transformers import AutoTokenizer
@@ -225,6 +232,34 @@ def test_prometheus_gauges_follow_the_tiers(fade_small: ServerProcess, tokenizer
         assert any(k.startswith("fade_kv_tier_tokens{") and f'tier="{tier}"' in k for k in gauges), sorted(gauges)
     used = sum(v for k, v in gauges.items() if k.startswith("fade_kv_tier_tokens{"))
     assert used > 0 and any(k.startswith("fade_kv_compression_ratio") for k in gauges)
+
+
+def test_protected_layer_server_keeps_the_bytes_and_serves_demoted_history(
+        fade_small: ServerProcess, fade_protected: ServerProcess, tokenizer: Any) -> None:
+    """A protected layer's bigger pages come out of the same KV bytes (fewer fp16 tokens, not more memory),
+    and the server serves, demotes and frees them under SGLang's strict per-step memory check."""
+    small, prot = fade_small.fade_stats(), fade_protected.fade_stats()
+    assert "[fade] protected layers 1: k8v4 -> k8v8, int4 -> k8v4" in fade_protected.log_text()
+    assert abs(prot["pool_bytes"] - small["pool_bytes"]) <= 2 * prot["pages"]["page_bytes"]
+    assert 0.6 * small["fp16_capacity_tokens"] < prot["fp16_capacity_tokens"] < small["fp16_capacity_tokens"]
+    assert prot["capacity_tokens"] > 2.5 * prot["fp16_capacity_tokens"]
+    initial = prot
+    ids = _ids(tokenizer, 48, 21)
+    fade_protected.generate(input_ids=ids, max_new_tokens=1)
+    time.sleep(2.5)
+    _wait_demoted_prefix(fade_protected, 30)
+    full = ids + fade_small.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
+    preds = _teacher_forced_top1(fade_protected, full, len(ids) - 1)
+    assert len(preds) == 24
+    with ThreadPoolExecutor(max_workers=4) as pool:  # running demotion (tiny windows) on several requests
+        outs = list(pool.map(lambda s: fade_protected.generate(input_ids=_ids(tokenizer, 40, s), max_new_tokens=48),
+                             range(30, 34)))
+    assert all(len(o["output_ids"]) == 48 for o in outs)
+    fade_protected.flush_cache()
+    after = fade_protected.fade_stats()
+    assert after["pages"]["free"] == initial["pages"]["free"] and after["tokens"] == 0
+    log = fade_protected.log_text()
+    assert "Traceback" not in log and "memory leak" not in log.lower()
 
 
 # ----------------------------------------------------------------------------- multi-turn

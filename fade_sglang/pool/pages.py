@@ -21,7 +21,7 @@ import torch
 
 from .allocator import PoolExhaustedError, SlotError
 
-__all__ = ["PageGeometry", "PagedRows", "PageTable", "choose_page_geometry"]
+__all__ = ["PageGeometry", "PagedRows", "PageTable", "choose_page_geometry", "grow_page_geometry"]
 
 # A page holds between these many fp16 tokens (small pages fragment less; the search stops at the
 # first size whose packed records waste at most _GOOD_WASTE of a page).
@@ -43,26 +43,29 @@ class PageGeometry:
         return 1.0 - self.rows_per_page[tier] * self.payload_bytes[tier] / self.page_bytes
 
 
-def _rows_for(page_bytes: int, payload: int) -> int:
-    """Most records of at least ``payload`` bytes (even sizes, for fp16 scale views) that tile the page exactly."""
+def _rows_for(page_bytes: int, payload: int, align: int = 2) -> int:
+    """Most records of at least ``payload`` bytes (sizes a multiple of ``align``, at least even for the fp16
+    scale views) that tile the page exactly."""
     rows = page_bytes // payload
-    while rows > 0 and (page_bytes % rows or (page_bytes // rows) % 2):
+    while rows > 0 and (page_bytes % rows or (page_bytes // rows) % align):
         rows -= 1
     return rows
 
 
-def choose_page_geometry(fp16_row_bytes: int, packed_payloads: tuple[int, ...]) -> PageGeometry:
+def choose_page_geometry(fp16_row_bytes: int, packed_payloads: tuple[int, ...], record_align: int = 2) -> PageGeometry:
     """Smallest page (a whole number of fp16 rows) whose packed records tile it with little padding.
 
-    ``packed_payloads``: natural bytes of one packed record per packed tier (0 = tier disabled)."""
-    if fp16_row_bytes <= 0 or fp16_row_bytes % 2:
-        raise ValueError(f"fp16 row bytes must be positive and even, got {fp16_row_bytes}")
+    ``packed_payloads``: natural bytes of one packed record per packed tier (0 = tier disabled).
+    ``record_align``: every record size is a multiple of it (8 lets :func:`grow_page_geometry` scale the
+    page by any number of quarters)."""
+    if fp16_row_bytes <= 0 or fp16_row_bytes % record_align:
+        raise ValueError(f"fp16 row bytes must be positive and a multiple of {record_align}, got {fp16_row_bytes}")
     best: tuple[float, PageGeometry] | None = None
     for fp16_rows in range(_MIN_FP16_ROWS, _MAX_FP16_ROWS + 1):
         page = fp16_rows * fp16_row_bytes
         rows = [fp16_rows]
         for payload in packed_payloads:
-            rows.append(_rows_for(page, payload) if payload else 0)
+            rows.append(_rows_for(page, payload, record_align) if payload else 0)
         if any(p and r == 0 for p, r in zip(packed_payloads, rows[1:])):
             continue
         geom = PageGeometry(page, tuple(rows), tuple(page // r if r else 0 for r in rows),
@@ -76,6 +79,25 @@ def choose_page_geometry(fp16_row_bytes: int, packed_payloads: tuple[int, ...]) 
         raise ValueError(f"no page size tiles records of {packed_payloads} bytes with fp16 rows of "
                          f"{fp16_row_bytes} bytes")
     return best[1]
+
+
+def grow_page_geometry(geometry: PageGeometry, packed_payloads: tuple[int, ...]) -> tuple[int, PageGeometry]:
+    """The same rows per page in pages a whole number of quarters bigger, so that packed records of
+    ``packed_payloads`` bytes (0 = tier disabled) fit: a protected layer's pages. A slot keeps one page
+    and row index in every layer; only that layer's bytes per page grow (its fp16 rows get padding).
+
+    Returns (quarters, geometry); 4 quarters = the geometry unchanged. Needs a geometry chosen with
+    ``record_align=8`` (every record a multiple of 8 bytes, so any quarter step keeps them even)."""
+    if any(r % 8 for r in geometry.record_bytes if r):
+        raise ValueError(f"records of {geometry.record_bytes} bytes are not all multiples of 8")
+    need = [-(-4 * p // r) for p, r in zip((0, *packed_payloads[:len(geometry.record_bytes) - 1]),
+                                          geometry.record_bytes) if p and r]
+    quarters = max([4, *need])
+    grown = PageGeometry(geometry.page_bytes * quarters // 4, geometry.rows_per_page,
+                         tuple(r * quarters // 4 for r in geometry.record_bytes),
+                         (geometry.payload_bytes[0], *(p if r else 0 for p, r in
+                                                       zip(packed_payloads, geometry.rows_per_page[1:]))))
+    return quarters, grown
 
 
 class PageTable:

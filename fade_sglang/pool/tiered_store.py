@@ -22,7 +22,7 @@ SGLang's ``MHATokenToKVPool`` interface; everything here runs without SGLang.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -30,12 +30,13 @@ from ..config import FadeConfig
 from ..quant import rotation_matrix
 from .allocator import PoolExhaustedError, SlotError
 from .layout import Tier, TierLayout
-from .packed_store import PackedRecordLayout, PackedTierStore
-from .pages import PagedRows, PageGeometry, PageTable, choose_page_geometry
+from .layer_groups import GroupPlan, LayerGroup, group_tier_bytes, plan_layer_groups, record_layouts
+from .packed_store import PackedTierStore
+from .pages import PagedRows, PageTable
 from .view import PackedLayerKV, TieredLayerKV, gather_kv
 
-__all__ = ["PackedLayerKV", "QuantizeRowsFn", "TieredKVStore", "TieredLayerKV", "pool_geometry",
-           "record_layouts", "tier_bytes_per_token"]
+__all__ = ["PackedLayerKV", "QuantizeRowsFn", "TieredKVStore", "TieredLayerKV",
+           "record_layouts", "tier_bytes_per_token"]  # record_layouts: re-exported from .layer_groups
 
 logger = logging.getLogger(__name__)
 # Upper bound of the float32 temporaries of one demotion chunk ([layers, 2, n, H, D]).
@@ -44,36 +45,24 @@ _DEMOTE_CHUNK_ELEMS = 1 << 24
 QuantizeRowsFn = Callable[..., None]
 
 
-def record_layouts(cfg: FadeConfig, heads: int, head_dim: int) -> dict[Tier, PackedRecordLayout]:
-    """Byte layout of a record row of each packed tier (its key and value formats)."""
-    return {Tier.WARM: PackedRecordLayout(cfg.warm_key_format, cfg.warm_format, heads, head_dim),
-            Tier.COLD: PackedRecordLayout(cfg.cold_key_format, cfg.cold_format, heads, head_dim)}
-
-
 def tier_bytes_per_token(cfg: FadeConfig, layers: int, heads: int, head_dim: int,
                          dtype: torch.dtype | int) -> tuple[int, int, int]:
-    """Exact storage bytes of one token (all layers, K and V) in each tier, scales and zeros included.
-
-    ``dtype``: the fp16 tier's dtype, or its element size in bytes."""
-    elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
-    packed = record_layouts(cfg, heads, head_dim)
-    return (2 * layers * heads * head_dim * elem,
-            layers * packed[Tier.WARM].token_bytes, layers * packed[Tier.COLD].token_bytes)
+    """Storage bytes of one token (all layers, K and V) in each tier, scales and zeros included (protected
+    layers count their whole grown record). ``dtype``: the fp16 tier's dtype, or its element size in bytes."""
+    return group_tier_bytes(plan_layer_groups(cfg, layers, heads, head_dim, dtype), heads, head_dim, dtype)
 
 
-def pool_geometry(cfg: FadeConfig, heads: int, head_dim: int, dtype: torch.dtype | int) -> PageGeometry:
-    """Page size and per-tier rows per page for one layer's K (or V) arena."""
-    elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
-    packed = record_layouts(cfg, heads, head_dim)
-    payloads = tuple(packed[t].payload if on else 0
-                     for t, on in ((Tier.WARM, cfg.warm_enabled), (Tier.COLD, cfg.cold_enabled)))
-    return choose_page_geometry(heads * head_dim * elem, payloads)
-
-
-def arena_pages(size: int, geometry: PageGeometry, page_size: int = 1, reserve_pages: int = 0) -> int:
-    """Pages holding ``size`` fp16 tokens plus SGLang's padding slot (rounded up to a whole page), plus
-    the pages fp16 may not claim: the fp16 tier alone always holds at least ``size`` tokens."""
-    return -(-(size + page_size) // geometry.rows_per_page[0]) + reserve_pages
+def arena_pages(size: int, plans: list[GroupPlan], page_size: int = 1, reserve_pages: int = 0) -> int:
+    """Pages of the bytes of ``size`` plain fp16 tokens plus SGLang's padding slot (rounded up to a whole
+    page), plus the pages fp16 may not claim. Without protected layers the fp16 tier alone holds at least
+    ``size`` tokens; protected layers' bigger pages leave correspondingly fewer at the same bytes."""
+    base = plans[0].geometry
+    fp16_row = base.payload_bytes[Tier.FP16]
+    plain = (size + page_size) * fp16_row * sum(len(p.layers) for p in plans)
+    per_page = sum(len(p.layers) * p.geometry.page_bytes for p in plans)
+    if len(plans) == 1:  # exact integer form of the same bound (keeps the plain pool's page count)
+        return -(-(size + page_size) // base.rows_per_page[0]) + reserve_pages
+    return -(-plain // per_page) + reserve_pages
 
 
 class TieredKVStore:
@@ -91,15 +80,17 @@ class TieredKVStore:
         cfg = fade_config or FadeConfig()
         if page_size != 1:
             raise ValueError(f"fade KV compression supports page_size 1 only (got {page_size})")
-        self.record_layouts = record_layouts(cfg, head_num, head_dim)  # checks head_dim against the formats
         self.fade_config = cfg
         self.head_num, self.head_dim, self.layer_num = head_num, head_dim, layer_num
         self.start_layer = 0
-        self.tier_bytes = tier_bytes_per_token(cfg, layer_num, head_num, head_dim, dtype)
-        self.geometry = pool_geometry(cfg, head_num, head_dim, dtype)
+        self.group_plans = plan_layer_groups(cfg, layer_num, head_num, head_dim, dtype)  # checks the formats too
+        self.tier_bytes = group_tier_bytes(self.group_plans, head_num, head_dim, dtype)
+        # Rows per page (and the ratios of record sizes) are the same in every group: the first group's
+        # geometry is the pool's row structure; only page bytes differ per group.
+        self.geometry = self.group_plans[0].geometry
         # One free page kept for the packed tiers: demotion needs somewhere to write before it frees fp16 rows.
         reserve = 1 if cfg.compresses else 0
-        self.pages = arena_pages(size, self.geometry, page_size, reserve)
+        self.pages = arena_pages(size, self.group_plans, page_size, reserve)
         rows = [self.pages * r for r in self.geometry.rows_per_page]
         self.layout = TierLayout(rows[0] - page_size, rows[1], rows[2], page_size=page_size)
         self.total_size = self.layout.total_slots
@@ -116,7 +107,8 @@ class TieredKVStore:
                                      self.geometry.rows_per_page[t], self.page_table, self.strict,
                                      pinned_rows=page_size if t == Tier.FP16 else 0)
                            for t in Tier]
-        self.stores: dict[Tier, PackedTierStore] = {}
+        self.groups: list[LayerGroup] = []
+        self._where: list[tuple[LayerGroup, int]] = []  # layer -> (its group, its index there)
         self.demoted_tokens = {(Tier.FP16, Tier.WARM): 0, (Tier.FP16, Tier.COLD): 0, (Tier.WARM, Tier.COLD): 0}
         if allocate_fp16:
             self._allocate_fp16(dtype, device)
@@ -126,19 +118,63 @@ class TieredKVStore:
         return (self.layout.fp16_slots + self.layout.page_size, self.head_num, self.head_dim)
 
     def _allocate_fp16(self, dtype: torch.dtype, device: str | torch.device) -> None:
-        """The arena, and every tier's view of it: fp16 ``[layers, 2, rows, H, D]`` and the packed stores."""
-        self.arena = torch.zeros(self.layer_num, 2, self.pages * self.geometry.page_bytes, dtype=torch.uint8,
-                                 device=device)
-        self.kv_fp16 = self.arena.view(dtype).view(self.layer_num, 2, *self.fp16_buffer_shape())
-        self.k_buffer = [self.kv_fp16[l, 0] for l in range(self.layer_num)]
-        self.v_buffer = [self.kv_fp16[l, 1] for l in range(self.layer_num)]
-        self.stores = {t: PackedTierStore(self.record_layouts[t], self.arena, self.layout.capacity(t),
-                                          self.geometry.record_bytes[t])
-                       for t in (Tier.WARM, Tier.COLD) if self.layout.capacity(t) > 0}
+        """Each layer group's arena, and every tier's view of it: fp16 ``[layers, 2, rows, H, D]`` and the
+        packed stores; SGLang's per-layer K / V buffers are the fp16 views."""
+        rows = {t: self.layout.capacity(t) for t in (Tier.WARM, Tier.COLD)}
+        self.groups = [LayerGroup(p, self.pages, dtype, self.head_num, self.head_dim, device, rows)
+                       for p in self.group_plans]
+        self._where = [None] * self.layer_num  # type: ignore[list-item]
+        for g in self.groups:
+            for i, l in enumerate(g.layers):
+                self._where[l] = (g, i)
+        self.k_buffer = [g.kv_fp16[i, 0] for g, i in self._where]
+        self.v_buffer = [g.kv_fp16[i, 1] for g, i in self._where]
+
+    def _single_group(self) -> LayerGroup:
+        if len(self.groups) != 1:
+            raise AttributeError("this pool has protected layers: its arena is one tensor per layer group (.groups)")
+        return self.groups[0]
+
+    @property
+    def arena(self) -> torch.Tensor:
+        """The byte arena ``[layers, 2, bytes]`` (pools without protected layers; else see ``groups``)."""
+        return self._single_group().arena
+
+    @property
+    def kv_fp16(self) -> torch.Tensor:
+        """The fp16 view ``[layers, 2, rows, H, D]`` (pools without protected layers; else see ``groups``)."""
+        return self._single_group().kv_fp16
+
+    @property
+    def stores(self) -> dict[Tier, PackedTierStore]:
+        """The packed stores of every layer (pools without protected layers; else see ``groups``)."""
+        return self._single_group().stores if self.groups else {}
+
+    @property
+    def protected_layers(self) -> tuple[int, ...]:
+        """Layers stored at more bits in bigger pages (empty when protection changes nothing)."""
+        return tuple(l for p in self.group_plans if p.protected for l in p.layers)
+
+    def protection_summary(self) -> str:
+        """One line on the protected layers' formats and page cost ("" when no layer is protected)."""
+        plans = [p for p in self.group_plans if p.protected]
+        if not plans:
+            return ""
+        p, base = plans[0], self.geometry
+        on = (self.fade_config.warm_enabled, self.fade_config.cold_enabled)
+        formats = ", ".join(f"{name} -> k{p.formats[t].key.bits}v{p.formats[t].value.bits}"
+                            for name, t, enabled in zip(self.fade_config.tier_display_names()[1:],
+                                                        (Tier.WARM, Tier.COLD), on) if enabled)
+        return (f"protected layers {','.join(map(str, p.layers))}: {formats}, in pages "
+                f"{p.geometry.page_bytes / base.page_bytes:.2f}x the size (fp16 rows padded)")
 
     def arena_nbytes(self) -> int:
         """Bytes of the arena (all tiers, K and V, all layers)."""
-        return self.layer_num * 2 * self.pages * self.geometry.page_bytes
+        return self.pages * self.page_group_bytes()
+
+    def page_group_bytes(self) -> int:
+        """Bytes of one page across all layers, K and V."""
+        return sum(2 * len(p.layers) * p.geometry.page_bytes for p in self.group_plans)
 
     def clear_slots(self) -> None:
         """Free every slot of every tier (the pages go back to the free list; page 0 keeps the padding)."""
@@ -153,7 +189,7 @@ class TieredKVStore:
     def _as_slots(self, slots: torch.Tensor) -> torch.Tensor:
         if slots.dtype not in (torch.int32, torch.int64):
             raise SlotError(f"slot indices must be int32/int64, got {slots.dtype}")
-        return slots.to(device=self.kv_fp16.device, dtype=torch.int64).reshape(-1)
+        return slots.to(device=self._device, dtype=torch.int64).reshape(-1)
 
     def _check_slots(self, slots: torch.Tensor) -> None:
         if slots.numel() and bool(((slots < self.layout.page_size) | (slots >= self.layout.end)).any()):
@@ -189,15 +225,18 @@ class TieredKVStore:
         return self.allocators[_tier(tier)].used()
 
     # ------------------------------------------------------------------ rotated / centered space
-    def _to_packed_space(self, kv: torch.Tensor, layers: slice | int) -> torch.Tensor:
-        """Model-space [.., 2, n, H, D] -> float32 rotated space, K centered (freezing centers first)."""
+    def _to_packed_space(self, kv: torch.Tensor, layers: int | Sequence[int]) -> torch.Tensor:
+        """Model-space [2, n, H, D] of one layer (or [len(layers), 2, n, H, D]) -> float32 rotated space,
+        K centered (freezing centers first)."""
         x = kv.float()
         if self.rotation is not None:
             x = x @ self.rotation
-        layer_ids = range(self.layer_num)[layers] if isinstance(layers, slice) else [layers]
-        self._freeze_centers(x if x.dim() == 5 else x[None], list(layer_ids))
-        center = self.k_center[layers]
-        x[..., 0, :, :, :] -= center[..., None, :, :] if center.dim() == 3 else center[None]
+        layer_ids = [layers] if isinstance(layers, int) else list(layers)
+        self._freeze_centers(x if x.dim() == 5 else x[None], layer_ids)
+        if isinstance(layers, int):
+            x[0] -= self.k_center[layers][None]
+        else:
+            x[:, 0] -= self.k_center[layer_ids][:, None]
         return x
 
     def _freeze_centers(self, x: torch.Tensor, layer_ids: list[int]) -> None:
@@ -211,8 +250,8 @@ class TieredKVStore:
         """Write K/V of one layer (counted from 0); slots in packed tiers are quantized on write."""
         loc, cache_k, cache_v = self.write_packed_part(layer_idx, loc, cache_k, cache_v)
         if loc.numel():
-            self.k_buffer[layer_idx][loc] = cache_k.to(self.kv_fp16.dtype)
-            self.v_buffer[layer_idx][loc] = cache_v.to(self.kv_fp16.dtype)
+            self.k_buffer[layer_idx][loc] = cache_k.to(self._dtype)
+            self.v_buffer[layer_idx][loc] = cache_v.to(self._dtype)
 
     def write_packed_part(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,10 +281,11 @@ class TieredKVStore:
     def _write_packed(self, layer_idx: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         tiers = self.tier_of(loc)
         x = self._to_packed_space(torch.stack((k, v)), layer_idx)
+        group, i = self._where[layer_idx]
         for t in (Tier.WARM, Tier.COLD):
             sel = tiers == t
             if bool(sel.any()):
-                self.stores[t].write(self.layout.local_index(loc[sel], t), x[:, sel], layer=layer_idx)
+                group.stores[t].write(self.layout.local_index(loc[sel], t), x[:, sel], layer=i)
 
     # ------------------------------------------------------------------ demotion
     def demote(self, slots: torch.Tensor, to_tier: Tier | int) -> torch.Tensor:
@@ -266,7 +306,7 @@ class TieredKVStore:
         out = slots.clone()
         if n_move == 0:
             return out
-        if to not in self.stores:
+        if not self.groups or to not in self.groups[0].stores:
             raise PoolExhaustedError(f"the {to.name.lower()} tier is disabled (tier_max_share 0)")
         if self.strict and torch.unique(slots).numel() != slots.numel():
             raise SlotError("demote got the same slot twice")
@@ -292,28 +332,33 @@ class TieredKVStore:
         return out
 
     def _copy_down(self, src: torch.Tensor, src_tier: Tier, dst: torch.Tensor, dst_tier: Tier) -> None:
-        per_token = self.layer_num * 2 * self.head_num * self.head_dim
+        for group in self.groups:
+            self._copy_down_group(group, src, src_tier, dst, dst_tier)
+
+    def _copy_down_group(self, group: LayerGroup, src: torch.Tensor, src_tier: Tier, dst: torch.Tensor,
+                         dst_tier: Tier) -> None:
+        per_token = len(group.layers) * 2 * self.head_num * self.head_dim
         step = max(1, _DEMOTE_CHUNK_ELEMS // per_token)
-        store = self.stores[dst_tier]
+        store = group.stores[dst_tier]
         for i in range(0, src.numel(), step):  # bounded temporaries; chunks of many tokens, not a token loop
             s, d = src[i:i + step], self.layout.local_index(dst[i:i + step], dst_tier)
             if src_tier == Tier.FP16 and self.quantize_rows_fn is not None and all(self._center_frozen):
-                self._quantize_kernel(self.kv_fp16, d, store, src_rows=s, fused=True)
+                self._quantize_kernel(group, group.kv_fp16, d, store, src_rows=s, fused=True)
                 continue
             if src_tier == Tier.FP16:
-                x = self._to_packed_space(self.kv_fp16[:, :, s], slice(None))  # freezes centers on first use
+                x = self._to_packed_space(group.kv_fp16[:, :, s], group.layers)  # freezes centers on first use
             else:
-                x = self.stores[src_tier].read(self.layout.local_index(s, src_tier))
+                x = group.stores[src_tier].read(self.layout.local_index(s, src_tier))
             if self.quantize_rows_fn is not None:
-                self._quantize_kernel(x, d, store)
+                self._quantize_kernel(group, x, d, store)
             else:
                 store.write(d, x)
 
-    def _quantize_kernel(self, src: torch.Tensor, rows: torch.Tensor, store: PackedTierStore,
+    def _quantize_kernel(self, group: LayerGroup, src: torch.Tensor, rows: torch.Tensor, store: PackedTierStore,
                          src_rows: torch.Tensor | None = None, fused: bool = False) -> None:
-        """One launch for all layers per part (K, V); ``fused`` gathers model-space rows and rotates / centers
-        in-kernel."""
-        center = self.k_center if fused and self.fade_config.center_keys else None
+        """One launch for all of a group's layers per part (K, V); ``fused`` gathers model-space rows and
+        rotates / centers in-kernel."""
+        center = self.k_center[list(group.layers)] if fused and self.fade_config.center_keys else None
         for kv, part in enumerate((store.key, store.value)):
             self.quantize_rows_fn(src[:, kv], part, rows, src_rows=src_rows, rotation=self.rotation if fused else None,
                                   k_center=center if kv == 0 else None)
@@ -329,11 +374,13 @@ class TieredKVStore:
     def layer_view(self, layer_id: int) -> TieredLayerKV:
         l = layer_id - self.start_layer
 
+        group, i = self._where[l]
+
         def packed(t: Tier) -> PackedLayerKV | None:
-            s = self.stores.get(t)
+            s = group.stores.get(t)
             if s is None:
                 return None
-            return PackedLayerKV(s.key.layer(l), s.value.layer(l), self.layout.base(t))
+            return PackedLayerKV(s.key.layer(i), s.value.layer(i), self.layout.base(t))
 
         return TieredLayerKV(self.k_buffer[l], self.v_buffer[l], packed(Tier.WARM), packed(Tier.COLD),
                              self.layout.warm_base, self.layout.cold_base, self.rotation, self.k_center[l])
@@ -391,7 +438,7 @@ class TieredKVStore:
 
     def tier_stats(self) -> dict[str, Any]:
         names = self.fade_config.tier_display_names()
-        page_bytes = self.layer_num * 2 * self.geometry.page_bytes
+        page_bytes = self.page_group_bytes()
         tiers = {}
         for t in Tier:
             used = self.used(t)
@@ -401,7 +448,8 @@ class TieredKVStore:
         tokens = sum(v["used"] for v in tiers.values())
         stored = self.compressed_storage_bytes()
         # Ratios against 16-bit KV (what a GPU user compares with), also on a float32 CPU pool.
-        bytes16 = self.tier_bytes[Tier.FP16] * 2 // torch.empty((), dtype=self.kv_fp16.dtype).element_size()
+        elems = 2 * self.layer_num * self.head_num * self.head_dim  # K and V of one token, all layers
+        bytes16, natural = elems * 2, elems * torch.empty((), dtype=self._dtype).element_size()
         return {
             "tiers": tiers,
             "tokens": tokens,
@@ -409,7 +457,7 @@ class TieredKVStore:
             "arena_bytes": self.arena_nbytes(),
             "pages": {"total": self.pages, "free": self.page_table.free_pages(), "page_bytes": page_bytes,
                       "rows_per_page": dict(zip(names, self.geometry.rows_per_page))},
-            "compression_ratio": (tokens * self.tier_bytes[Tier.FP16] / stored) if stored else 1.0,
+            "compression_ratio": (tokens * natural / stored) if stored else 1.0,
             "compression_vs_16bit": (tokens * bytes16 / stored) if stored else 1.0,
             "capacity_tokens": self.max_tokens(),
             "fp16_capacity_tokens": self.layout.fp16_slots,
