@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fade_sglang.config import FadeConfig
-from fade_sglang.eval.sensitivity import Variant, compress_history, standard_variants
+from fade_sglang.eval.sensitivity import (Variant, compress_history, heavy_hitter_variants, protected_variants,
+                                          standard_variants)
 from fade_sglang.eval.synthetic import synthetic_kv
 
 
@@ -49,3 +51,33 @@ def test_int2_is_coarser_than_int4_and_int8_finer():
     # keys at 8 bits in the k8v4 tier; its values are the INT4 tier's, bit for bit
     assert errs["k8v4"] < errs["int4"] / 8 and errs["k8v4 v"] == errs["int4 v"]
     assert len(standard_variants(30, 3, per_layer=True, per_head=True)) == 12 + 30 + 3
+
+
+def test_protected_variant_goes_through_the_store_and_sharpens_only_those_layers():
+    kv = _history(layers=3)
+    base = FadeConfig.from_preset("aggressive")
+    (variant,) = [v for v in protected_variants((1,)) if v.name == "int4 protect 1"]
+    plain = compress_history(kv, base, Variant("int4"), keep_first=16)
+    prot = compress_history(kv, variant.config(base), variant, keep_first=16)
+
+    def err(out, l):
+        return float((out[l][0] - kv[l][0]).norm() / kv[l][0].norm())
+
+    assert err(prot, 1) < err(plain, 1) / 4  # 8-bit keys in the protected layer
+    for l in (0, 2):  # the other layers are stored exactly as without protection
+        assert torch.equal(prot[l][0], plain[l][0]) and torch.equal(prot[l][1], plain[l][1])
+
+
+def test_heavy_hitters_keep_exactly_the_top_scored_tokens():
+    kv = _history(layers=2, n=116)
+    scores = torch.rand(116, generator=torch.Generator().manual_seed(0))
+    scores[:16] = 10.0  # sinks are never counted: they stay exact anyway
+    (variant,) = [v for v in heavy_hitter_variants() if v.name == "int4 keep top 5%"]
+    out = compress_history(kv, FadeConfig(), variant, keep_first=16, scores=scores)
+    top = 16 + scores[16:].topk(5).indices  # 5% of 100 history tokens
+    for (k, v), (k2, v2) in zip(kv, out):
+        same = (k2 == k).all(-1).all(0)  # [T]: positions every head kept exactly
+        assert set(torch.nonzero(same[16:]).flatten().add(16).tolist()) == set(top.tolist())
+        assert torch.equal(v2[:, top], v[:, top])
+    with pytest.raises(ValueError, match="attention scores"):
+        compress_history(kv, FadeConfig(), variant, keep_first=16)

@@ -42,7 +42,10 @@ def _say(msg: str) -> None:
 @dataclass(frozen=True)
 class Variant:
     """Compress the history with ``config``'s ``tier`` format on ``layers`` (None: all), ``heads`` (None:
-    all), and ``parts`` ("kv", "k" or "v"); everything else stays full precision."""
+    all), and ``parts`` ("kv", "k" or "v"); everything else stays full precision. ``keep_top``: share of
+    the history kept in full precision in every layer, the tokens with the most attention received
+    (H2O-style heavy hitters: attention summed over layers, heads and the history's own queries, divided
+    by the number of queries that see the token)."""
 
     name: str
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -50,6 +53,7 @@ class Variant:
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
     parts: str = "kv"
+    keep_top: float = 0.0
 
     def config(self, base: FadeConfig) -> FadeConfig:
         return base.with_overrides(dict(self.overrides)) if self.overrides else base
@@ -90,19 +94,26 @@ def build_conversations(model: Any, tok: Any, model_path: Path, docs: Sequence[d
     return convs
 
 
-def _prefill(model: Any, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _prefill(model: Any, ids: list[int], scores: bool = False
+             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """K/V per layer ``[H, T, D]`` and, with ``scores`` (needs eager attention), the heavy-hitter score of
+    every position."""
     with torch.no_grad():
-        out = model(torch.tensor([ids]), use_cache=True)
-    cache = out.past_key_values
-    return [(layer.keys[0].clone(), layer.values[0].clone()) for layer in cache.layers]  # [H, T, D]
+        out = model(torch.tensor([ids]), use_cache=True, output_attentions=scores)
+    kv = [(layer.keys[0].clone(), layer.values[0].clone()) for layer in out.past_key_values.layers]
+    if not scores:
+        return kv, None
+    received = sum(a[0].sum(dim=(0, 1)) for a in out.attentions)  # [T]: over heads and queries, every layer
+    return kv, received / torch.arange(len(ids), 0, -1, dtype=received.dtype)
 
 
 def compress_history(kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: FadeConfig, variant: Variant,
-                     keep_first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     keep_first: int, scores: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """K/V per layer after positions ``keep_first..`` went through fade's store (demoted to the variant's tier).
 
     Only the variant's layers are quantized (centers and scales are per layer, so a store over just those
-    layers gives the same values as one over all of them)."""
+    layers gives the same values as one over all of them; ``protected_layers`` count in that store's
+    layers, which are the model's when ``variant.layers`` is None)."""
     selected = list(variant.layers) if variant.layers is not None else list(range(len(kv)))
     heads, n, dim = kv[0][0].shape
     heads_sel = list(variant.heads) if variant.heads is not None else list(range(heads))
@@ -122,6 +133,13 @@ def compress_history(kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: FadeConfi
         if "v" in variant.parts:
             v2[heads_sel, keep_first:] = qv[heads_sel]
         out[l] = (k2, v2)
+    if variant.keep_top > 0:
+        if scores is None:
+            raise ValueError(f"variant {variant.name!r} keeps heavy hitters: run with attention scores")
+        top = keep_first + scores[keep_first:].topk(int(round(variant.keep_top * span))).indices
+        for l in selected:
+            for full, packed in zip(kv[l], out[l]):
+                packed[:, top] = full[:, top]
     return out
 
 
@@ -141,14 +159,16 @@ def _answer_logprobs(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], tu
 
 def run_variants(model: Any, convs: Sequence[Conversation], variants: Iterable[Variant], base: FadeConfig,
                  keep_first: int) -> list[VariantResult]:
-    prefills = [_prefill(model, c.history) for c in convs]
+    variants = list(variants)
+    scored = [_prefill(model, c.history, any(v.keep_top for v in variants)) for c in convs]
+    prefills = [kv for kv, _ in scored]
     refs = [[_answer_logprobs(model, kv, t, a) for t, a in c.follow_ups] for c, kv in zip(convs, prefills)]
     results = []
     for variant in variants:
         cfg = variant.config(base)
         nll_sum = flips = count = answers_flipped = answers = 0
-        for c, kv, ref in zip(convs, prefills, refs):
-            squeezed = compress_history(kv, cfg, variant, keep_first)
+        for c, (kv, scores), ref in zip(convs, scored, refs):
+            squeezed = compress_history(kv, cfg, variant, keep_first, scores)
             for (turn, answer), lp_ref in zip(c.follow_ups, ref):
                 lp = _answer_logprobs(model, squeezed, turn, answer)
                 target = torch.tensor(answer)[:, None]
@@ -162,6 +182,22 @@ def run_variants(model: Any, convs: Sequence[Conversation], variants: Iterable[V
         _say(f"{r.name:<28} dNLL {r.nll_delta:+.4f}  flips {r.flip_rate:.3f} ({r.answers_with_flip}/{r.answers} answers)")
         results.append(r)
     return results
+
+
+def protected_variants(layers: tuple[int, ...]) -> list[Variant]:
+    """The INT4 / k4v2 histories with ``layers`` protected (``protected_layers``: more bits in bigger pages)."""
+    p = (("protected_layers", layers),)
+    tag = ",".join(map(str, layers))
+    return [Variant(f"int4 protect {tag}", p), Variant(f"int4 g32 protect {tag}", (("warm_group_size", 32), *p)),
+            Variant(f"k4v2 protect {tag}", (("cold_key_bits", 4), *p), tier="cold"),
+            Variant(f"k8v4 protect {tag} v8", (("warm_key_bits", 8), ("protected_value_bits", 8), *p))]
+
+
+def heavy_hitter_variants() -> list[Variant]:
+    """The INT4 / k4v2 histories with the top 2% / 5% heavy hitters kept in full precision."""
+    return [Variant(f"{name} keep top {share:.0%}", o, tier=t, keep_top=share)
+            for name, o, t in (("int4", (), "warm"), ("k4v2", (("cold_key_bits", 4),), "cold"))
+            for share in (0.02, 0.05)]
 
 
 def standard_variants(layers: int, heads: int, per_layer: bool, per_head: bool) -> list[Variant]:
@@ -190,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preset", default="safe")
     ap.add_argument("--per-layer", action="store_true")
     ap.add_argument("--per-head", action="store_true")
+    ap.add_argument("--protect", default=None, metavar="L1,L2",
+                    help="also run the INT4 / k4v2 / k8v4 histories with these layers protected")
+    ap.add_argument("--heavy-hitters", action="store_true",
+                    help="also run INT4 / k4v2 with the top 2%% / 5%% attended tokens kept full precision")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
                     help="run only the variants with these names (e.g. 'int4 kv' k8v4)")
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
@@ -198,12 +238,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     path = args.model_path or ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    attn = {"attn_implementation": "eager"} if args.heavy_hitters else {}  # attention weights for the scores
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attn).eval()
     base = FadeConfig.from_preset(args.preset).with_overrides({"tier_max_share": {"warm": 1.0, "cold": 1.0}})
     docs = doc_qa.make_docs(tok, args.docs, args.doc_tokens)
     convs = build_conversations(model, tok, path, docs)
     n_layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     variants = standard_variants(n_layers, heads, args.per_layer, args.per_head)
+    if args.protect:
+        try:
+            protect = tuple(int(x) for x in args.protect.split(","))
+        except ValueError:
+            ap.error(f"--protect {args.protect!r}: expected comma separated layer indices")
+        variants += protected_variants(protect)
+    if args.heavy_hitters:
+        variants += heavy_hitter_variants()
     if args.only:
         unknown = set(args.only) - {v.name for v in variants}
         if unknown:
