@@ -35,6 +35,7 @@ dropped from attention, the window sized so that its stored bytes match fade-X's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -44,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..config import FadeConfig
 from . import evaldata, quality
 from .demo import model_geometry
 from .launcher import DEVICE_DEFAULT, ServerProcess
@@ -254,6 +256,30 @@ def settings_by_name(names: Sequence[str]) -> list[Setting]:
                              f"presets: {', '.join(PRESET_AGE)})")
     if out and out[0].name != "fp16":
         raise ValueError("--settings must start with fp16 (its answers are every server's history)")
+    return out
+
+
+def with_knobs(settings: list[Setting], knobs: Sequence[str]) -> list[Setting]:
+    """``knobs`` (``key=value``, checked against FadeConfig) added to every fade-<preset> setting, whose name
+    then says so (``fade-balanced+protected_layers=18,23``)."""
+    if not knobs:
+        return settings
+    pairs = []
+    for knob in knobs:
+        key, sep, value = knob.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--fade-set {knob!r}: expected KEY=VALUE")
+        pairs.append((key.strip(), value.strip()))
+    FadeConfig().with_overrides(dict(pairs))  # FadeConfigError (a ValueError) names a bad knob
+    extra = tuple(a for k, v in pairs for a in ("--fade-set", f"{k}={v}"))
+    suffix = "+" + "+".join(f"{k}={v}" for k, v in pairs)
+    out = []
+    for s in settings:
+        if s.name.startswith("fade-"):
+            s = dataclasses.replace(s, name=s.name + suffix, extra=s.extra + extra)
+        elif s.evict_like:  # eviction matches the bytes of the (renamed) fade setting
+            s = dataclasses.replace(s, evict_like=s.evict_like + suffix)
+        out.append(s)
     return out
 
 
@@ -542,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for doc_qa.json")
     p.add_argument("--quick", action="store_true", help="CI size: 2 documents, passkey at 2048 only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fade-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fade knob for every fade-<preset> setting (repeatable), e.g. protected_layers=18,23")
     a = p.parse_args(argv)
     docs = a.docs if a.docs is not None else (2 if a.quick else 6)
     lengths_text = a.passkey_lengths or ("2048" if a.quick else "2048,4096,7168")
@@ -551,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--passkey-lengths {lengths_text!r}: expected comma separated integers")
     names = [n.strip() for n in a.settings.split(",") if n.strip()]
     try:
-        settings = settings_by_name(names)
+        settings = with_knobs(settings_by_name(names), a.fade_set)
     except ValueError as e:
         p.error(str(e))
     if docs < 1 or a.passkey_depths < 1:
