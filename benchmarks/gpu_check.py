@@ -311,7 +311,7 @@ class StoreCase:
     """
 
     def __init__(self, lens: list[int], kv_heads: int, head_dim: int, dtype, device: str, seed: int = 0,
-                 key_bits: tuple[int, int] = (0, 0)):
+                 knobs: dict[str, Any] | None = None):
         import torch
 
         from fade_sglang.config import FadeConfig
@@ -321,8 +321,9 @@ class StoreCase:
 
         n = sum(lens)
         self.lens, self.n, self.device = lens, n, device
-        # INT4 + INT2 sharing the arena with fp16 (keys at ``key_bits``, 0 = as values); rotation, centering, clip
-        cfg = FadeConfig(warm_key_bits=key_bits[0], cold_key_bits=key_bits[1])
+        # INT4 + INT2 sharing the arena with fp16 (``knobs``: e.g. keys at more bits, a protected layer);
+        # rotation, centering, clip search
+        cfg = FadeConfig(**(knobs or {}))
         # The three fp16 copies at once, plus free pages for the packed records a demotion writes before it
         # frees the fp16 rows it read (the tiers share the arena's pages).
         size = 4 * n + 64
@@ -493,9 +494,10 @@ def correctness(dname: str, cfg: argparse.Namespace, report: Report, budget: Bud
 
         case("extend", f"{scheme}-prefix", run_extend)
 
-    # Keys at more bits than values (the presets' k8v4 warm / k4v2 cold tiers: key codes in two pieces).
-    def run_split_keys() -> dict[str, Any]:
-        sk = StoreCase(cfg.lens, hkv, d, dtype, device, seed=1, key_bits=(8, 4))
+    # Keys at more bits than values (the presets' k8v4 warm / k4v2 cold tiers: key codes in two pieces), and a
+    # protected layer (padded fp16 rows, records grown to 8-bit keys).
+    def run_store_variant(knobs: dict[str, Any]) -> dict[str, Any]:
+        sk = StoreCase(cfg.lens, hkv, d, dtype, device, seed=1, knobs=knobs)
         idx = sk.indices("shuffled", seed=5)
         out = K.decode_attention(q, sk.view, sk.indptr, idx, scale)
         res = attn_result(out, decode_attention_ref(q.float(), sk.view, sk.indptr, idx, scale))
@@ -504,7 +506,8 @@ def correctness(dname: str, cfg: argparse.Namespace, report: Report, budget: Bud
         res.update(passed=res["passed"] and err < tol and bool(torch.isfinite(ext).all()), extend_max_rel=err)
         return res
 
-    case("decode+extend", "k8v4-k4v2-shuffled", run_split_keys)
+    case("decode+extend", "k8v4-k4v2-shuffled", lambda: run_store_variant({"warm_key_bits": 8, "cold_key_bits": 4}))
+    case("decode+extend", "protected-layer-shuffled", lambda: run_store_variant({"protected_layers": (0,)}))
 
     # Quantize: the kernel twin of fade_sglang.quant.quantize on synthetic K (outliers) and V in this dtype.
     xk, xv = synthetic_kv(cfg.quant_tokens, hkv, d, seed=17)

@@ -85,6 +85,8 @@ def test_smoke_run_through_the_script(tmp_path):
         assert kinds == {"setup", "decode", "extend", "decode+extend", "quantize", "baselines"}
         decode = {r["case"] for r in corr if r["dtype"] == dt and r["kind"] == "decode"}
         assert {"fp16", "int4", "int2", "aged", "shuffled"} <= decode
+        both = {r["case"] for r in corr if r["dtype"] == dt and r["kind"] == "decode+extend"}
+        assert both == {"k8v4-k4v2-shuffled", "protected-layer-shuffled"}
     assert all(r["passed"] for r in corr)
     for r in corr:
         if r["kind"] in ("decode", "extend"):
