@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fade_sglang.config import FadeConfig
-from fade_sglang.eval.sensitivity import (Variant, compress_history, heavy_hitter_variants, protected_variants,
-                                          standard_variants)
+from fade_sglang.eval.sensitivity import (Variant, compress_history, diagnostic_base, heavy_hitter_variants,
+                                          protected_variants, standard_variants)
 from fade_sglang.eval.synthetic import synthetic_kv
 
 
@@ -81,3 +81,19 @@ def test_heavy_hitters_keep_exactly_the_top_scored_tokens():
         assert torch.equal(v2[:, top], v[:, top])
     with pytest.raises(ValueError, match="attention scores"):
         compress_history(kv, FadeConfig(), variant, keep_first=16)
+
+
+@pytest.mark.parametrize("preset", ["safe", "balanced", "aggressive"])
+def test_variant_names_are_their_formats_whatever_the_preset(preset):
+    base = diagnostic_base(preset)
+    variants = {v.name: v for v in standard_variants(4, 2, False, False) + protected_variants((1,))}
+
+    def formats(name):
+        cfg = variants[name].config(base)
+        tier = variants[name].tier
+        key, value = (cfg.warm_key_format, cfg.warm_format) if tier == "warm" else (cfg.cold_key_format, cfg.cold_format)
+        return key.bits, value.bits
+
+    assert formats("int4 kv") == formats("int4 protect 1") == (4, 4)
+    assert formats("k8v4") == (8, 4) and formats("int2 kv") == (2, 2) and formats("k4v2") == (4, 2)
+    assert formats("int8 kv") == (8, 8)

@@ -184,6 +184,15 @@ def run_variants(model: Any, convs: Sequence[Conversation], variants: Iterable[V
     return results
 
 
+def diagnostic_base(preset: str) -> FadeConfig:
+    """The preset's windows and quantizer options with both packed tiers on at the knobs' default formats
+    (warm INT4 group 64, cold INT2 group 32, keys at their tier's bits), so a variant's name is its format
+    ("int4 kv" is INT4 keys and values even where the preset stores 8-bit keys)."""
+    return FadeConfig.from_preset(preset).with_overrides(
+        {"tier_max_share": {"warm": 1.0, "cold": 1.0}, "warm_bits": 4, "warm_group_size": 64, "cold_bits": 2,
+         "cold_group_size": 32, "warm_key_bits": 0, "cold_key_bits": 0})
+
+
 def protected_variants(layers: tuple[int, ...]) -> list[Variant]:
     """The INT4 / k4v2 histories with ``layers`` protected (``protected_layers``: more bits in bigger pages)."""
     p = (("protected_layers", layers),)
@@ -240,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(path)
     attn = {"attn_implementation": "eager"} if args.heavy_hitters else {}  # attention weights for the scores
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attn).eval()
-    base = FadeConfig.from_preset(args.preset).with_overrides({"tier_max_share": {"warm": 1.0, "cold": 1.0}})
+    base = diagnostic_base(args.preset)
     docs = doc_qa.make_docs(tok, args.docs, args.doc_tokens)
     convs = build_conversations(model, tok, path, docs)
     n_layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
