@@ -92,6 +92,10 @@ def test_arena_keeps_the_plain_bytes_and_pays_in_fp16_rows() -> None:
     ratio = prot.layout.fp16_slots / plain.layout.fp16_slots
     grow = prot.groups[1].plan.geometry.page_bytes / prot.groups[0].plan.geometry.page_bytes
     assert ratio == pytest.approx(LAYERS / (LAYERS - 1 + grow), abs=0.03)
+    every = _store(size=size, protected_layers=list(range(LAYERS)))  # one group, all of it protected
+    assert len(every.groups) == 1 and every.protected_layers == tuple(range(LAYERS))
+    assert every.arena_nbytes() <= plain_bytes + 2 * every.page_group_bytes()
+    assert every.layout.fp16_slots < prot.layout.fp16_slots
     assert prot.protection_summary().startswith("protected layers 1: int4 -> k8v")
     with pytest.raises(AttributeError, match="layer group"):
         prot.arena

@@ -56,12 +56,10 @@ def arena_pages(size: int, plans: list[GroupPlan], page_size: int = 1, reserve_p
     """Pages of the bytes of ``size`` plain fp16 tokens plus SGLang's padding slot (rounded up to a whole
     page), plus the pages fp16 may not claim. Without protected layers the fp16 tier alone holds at least
     ``size`` tokens; protected layers' bigger pages leave correspondingly fewer at the same bytes."""
-    base = plans[0].geometry
-    fp16_row = base.payload_bytes[Tier.FP16]
-    plain = (size + page_size) * fp16_row * sum(len(p.layers) for p in plans)
+    if len(plans) == 1 and not plans[0].protected:  # every page holds rows_per_page[0] plain fp16 rows
+        return -(-(size + page_size) // plans[0].geometry.rows_per_page[0]) + reserve_pages
+    plain = (size + page_size) * plans[0].geometry.payload_bytes[Tier.FP16] * sum(len(p.layers) for p in plans)
     per_page = sum(len(p.layers) * p.geometry.page_bytes for p in plans)
-    if len(plans) == 1:  # exact integer form of the same bound (keeps the plain pool's page count)
-        return -(-(size + page_size) // base.rows_per_page[0]) + reserve_pages
     return -(-plain // per_page) + reserve_pages
 
 
