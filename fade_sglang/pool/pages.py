@@ -90,8 +90,7 @@ def grow_page_geometry(geometry: PageGeometry, packed_payloads: tuple[int, ...])
     ``record_align=8`` (every record a multiple of 8 bytes, so any quarter step keeps them even)."""
     if any(r % 8 for r in geometry.record_bytes if r):
         raise ValueError(f"records of {geometry.record_bytes} bytes are not all multiples of 8")
-    need = [-(-4 * p // r) for p, r in zip((0, *packed_payloads[:len(geometry.record_bytes) - 1]),
-                                          geometry.record_bytes) if p and r]
+    need = [-(-4 * p // r) for p, r in zip(packed_payloads, geometry.record_bytes[1:]) if p and r]
     quarters = max([4, *need])
     grown = PageGeometry(geometry.page_bytes * quarters // 4, geometry.rows_per_page,
                          tuple(r * quarters // 4 for r in geometry.record_bytes),
