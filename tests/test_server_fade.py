@@ -257,7 +257,10 @@ def test_protected_layer_server_keeps_the_bytes_and_serves_demoted_history(
     assert all(len(o["output_ids"]) == 48 for o in outs)
     fade_protected.flush_cache()
     after = fade_protected.fade_stats()
-    assert after["pages"]["free"] == initial["pages"]["free"] and after["tokens"] == 0
+    # every page back on the free list (page 0 keeps the padding); the first snapshot may still have held the
+    # server's warm-up request in the tree
+    assert after["pages"]["free"] == after["pages"]["total"] - 1 and after["tokens"] == 0
+    assert after["pages"]["total"] == initial["pages"]["total"]
     log = fade_protected.log_text()
     assert "Traceback" not in log and "memory leak" not in log.lower()
 
