@@ -97,6 +97,8 @@ def test_arena_keeps_the_plain_bytes_and_pays_in_fp16_rows() -> None:
     assert every.arena_nbytes() <= plain_bytes + 2 * every.page_group_bytes()
     assert every.layout.fp16_slots < prot.layout.fp16_slots
     assert prot.protection_summary().startswith("protected layers 1: int4 -> k8v")
+    assert prot.protection_summary().endswith(f"in pages {grow:.2f}x the size (fp16 rows padded)")
+    assert every.protection_summary().endswith(f"in pages {grow:.2f}x the size (fp16 rows padded)")
     with pytest.raises(AttributeError, match="layer group"):
         prot.arena
     k, v = prot.k_buffer[1], prot.k_buffer[0]

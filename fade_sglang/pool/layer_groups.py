@@ -46,6 +46,7 @@ class GroupPlan:
     geometry: PageGeometry
     formats: dict[Tier, PackedRecordLayout]
     protected: bool = False
+    page_growth: float = 1.0  # page bytes against an unprotected layer's
 
     def token_bytes(self, tier: Tier, fp16_row_bytes: int) -> int:
         """Bytes one token takes in this group (all its layers, K and V). Unprotected layers count their
@@ -96,13 +97,13 @@ def plan_layer_groups(cfg: FadeConfig, layers: int, heads: int, head_dim: int, d
     minimum = _protected_layouts(cfg, heads, head_dim, None)
     if protected and any(on[t] and minimum[t].payload > base[t].payload for t in PACKED_TIERS):
         geometry = choose_page_geometry(heads * head_dim * elem, payloads, record_align=8)
-        _, grown = grow_page_geometry(geometry, tuple(minimum[t].payload if on[t] else 0 for t in PACKED_TIERS))
+        quarters, grown = grow_page_geometry(geometry, tuple(minimum[t].payload if on[t] else 0 for t in PACKED_TIERS))
         room = {t: grown.record_bytes[t] for t in PACKED_TIERS}
         formats = _protected_layouts(cfg, heads, head_dim, room)
         grown = dataclasses.replace(grown, payload_bytes=(grown.payload_bytes[0], *(
             formats[t].payload if on[t] else 0 for t in PACKED_TIERS)))
         plans = [GroupPlan(tuple(l for l in range(layers) if l not in protected), geometry, base),
-                 GroupPlan(tuple(sorted(protected)), grown, formats, protected=True)]
+                 GroupPlan(tuple(sorted(protected)), grown, formats, protected=True, page_growth=quarters / 4)]
         return [p for p in plans if p.layers]
     return [GroupPlan(tuple(range(layers)), choose_page_geometry(heads * head_dim * elem, payloads), base)]
 

@@ -158,13 +158,13 @@ class TieredKVStore:
         plans = [p for p in self.group_plans if p.protected]
         if not plans:
             return ""
-        p, base = plans[0], self.geometry
+        p = plans[0]
         on = (self.fade_config.warm_enabled, self.fade_config.cold_enabled)
         formats = ", ".join(f"{name} -> k{p.formats[t].key.bits}v{p.formats[t].value.bits}"
                             for name, t, enabled in zip(self.fade_config.tier_display_names()[1:],
                                                         (Tier.WARM, Tier.COLD), on) if enabled)
         return (f"protected layers {','.join(map(str, p.layers))}: {formats}, in pages "
-                f"{p.geometry.page_bytes / base.page_bytes:.2f}x the size (fp16 rows padded)")
+                f"{p.page_growth:.2f}x the size (fp16 rows padded)")
 
     def arena_nbytes(self) -> int:
         """Bytes of the arena (all tiers, K and V, all layers)."""
