@@ -61,11 +61,12 @@ class Case:
 
 
 def build_pool(num_tokens: int, head_dim: int, kv_heads: int, dtype: torch.dtype, shares: str = "all",
-               **cfg: object) -> TieredKVPool:
+               room: int = 2, **cfg: object) -> TieredKVPool:
     config = FadeConfig(tier_max_share=dict(SHARES[shares]), **cfg)
     # Room for every token in fp16 and, as free pages, for the packed copies one demotion writes
-    # before it frees the fp16 rows it read (tiers share the arena's pages).
-    size = 2 * num_tokens + 64
+    # before it frees the fp16 rows it read (tiers share the arena's pages); protected layers' bigger
+    # pages leave fewer tokens in the same bytes, so their cases ask for more ``room``.
+    size = room * num_tokens + 64
     return TieredKVPool(size, 1, dtype, kv_heads, head_dim, 1, "cpu", False, fade_config=config)
 
 
@@ -94,10 +95,11 @@ def populate(pool: TieredKVPool, num_tokens: int, seed: int, warm: float, cold: 
 
 
 def build_case(lens: list[int], head_dim: int = 64, kv_heads: int = 2, dtype: torch.dtype = torch.float32,
-               shares: str = "all", warm: float = 0.45, cold: float = 0.3, seed: int = 0, **cfg: object) -> Case:
+               shares: str = "all", warm: float = 0.45, cold: float = 0.3, seed: int = 0, room: int = 2,
+               **cfg: object) -> Case:
     """Requests of ``lens`` tokens over a shared pool; each request's kv_indices are shuffled (tiers mixed)."""
     n = sum(lens)
-    pool = build_pool(n, head_dim, kv_heads, dtype, shares, **cfg)
+    pool = build_pool(n, head_dim, kv_heads, dtype, shares, room, **cfg)
     k, v, slots = populate(pool, n, seed, warm, cold)
     gen = torch.Generator().manual_seed(seed + 2)
     tokens, start = [], 0

@@ -200,7 +200,8 @@ def test_decode_and_extend_with_keys_at_more_bits(head_dim, group, dtype, key_bi
 def test_decode_and_extend_over_a_protected_layer(head_dim, group, dtype):
     """A protected layer: padded fp16 rows (row stride past H * D) and the grown records' formats (8-bit keys,
     spilled key codes) read in place by both kernels."""
-    case = build_case([1, 45, 0, 70], head_dim=head_dim, dtype=dtype, seed=head_dim + group, protected_layers=(0,))
+    case = build_case([1, 45, 0, 70], head_dim=head_dim, dtype=dtype, seed=head_dim + group, room=6,
+                      protected_layers=(0,))
     view = case.view
     assert case.pool.protected_layers == (0,) and not view.k_fp16.is_contiguous()
     assert view.k_fp16.stride(0) > view.k_fp16.shape[1] * head_dim
