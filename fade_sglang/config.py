@@ -176,6 +176,10 @@ class FadeConfig:
     def cold_key_format(self) -> QuantFormat:
         return QuantFormat(self.key_bits[1], self.cold_group_size, self.clip_search)
 
+    def protected_out_of_range(self, layers: int) -> list[int]:
+        """The protected layers a model with ``layers`` layers does not have."""
+        return [l for l in self.protected_layers if l >= layers]
+
     def protected_formats(self, tier: int) -> tuple[QuantFormat, QuantFormat]:
         """(key, value) formats of packed ``tier`` (1 warm, 2 cold) in a protected layer: the tier's
         formats with at least ``protected_key_bits`` / ``protected_value_bits``."""

@@ -215,7 +215,7 @@ def check_model(model_path: str, trust_remote_code: bool = False, device: str | 
         raise FadeConfigError(f"--kv-compression fade cannot serve {model_path}: {why} "
                               f"(fade supports MHA/GQA decoder models with full attention)")
     layers = getattr(getattr(hf_config, "get_text_config", lambda: hf_config)(), "num_hidden_layers", None)
-    bad = [l for l in (cfg.protected_layers if cfg else ()) if isinstance(layers, int) and l >= layers]
+    bad = cfg.protected_out_of_range(layers) if cfg is not None and isinstance(layers, int) else []
     if bad:
         raise FadeConfigError(f"fade config: protected_layers {bad} out of range ({model_path} has {layers} layers)")
 

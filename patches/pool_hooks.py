@@ -78,7 +78,7 @@ def check_model_supported(kvc: Any, cfg: FadeConfig) -> None:
         except ValueError as e:
             problems.append(str(e))
     layers = getattr(getattr(kvc, "layer_info", None), "num_effective_layers", None)
-    bad = [l for l in cfg.protected_layers if layers is not None and l >= layers]
+    bad = cfg.protected_out_of_range(layers) if layers is not None else []
     if bad:
         problems.append(f"protected_layers {bad} out of range (the model has {layers} layers)")
     if problems:
@@ -135,8 +135,9 @@ def log_tier_split(pool: Any) -> None:
                 "full precision and up to %d compressed (%.2fx); pages go to whichever tier needs them (%s)",
                 (k + v) / 2**20, pool.pages, geom.page_bytes, rows, pool.layout.fp16_slots, pool.max_tokens(),
                 pool.max_tokens() / pool.layout.fp16_slots, pool.fade_config.summary())
-    if pool.protection_summary():
-        logger.info("[fade] %s", pool.protection_summary())
+    protection = pool.protection_summary()
+    if protection:
+        logger.info("[fade] %s", protection)
 
 
 def register_pool_hooks(register: Callable[[str, Callable[..., Any], Any], None], around: Any) -> None:

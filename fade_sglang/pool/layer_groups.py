@@ -48,14 +48,14 @@ class GroupPlan:
     protected: bool = False
     page_growth: float = 1.0  # page bytes against an unprotected layer's
 
-    def token_bytes(self, tier: Tier, fp16_row_bytes: int) -> int:
+    def token_bytes(self, tier: Tier) -> int:
         """Bytes one token takes in this group (all its layers, K and V). Unprotected layers count their
         natural bytes (the page geometry pads records by at most half a percent); protected layers count
         their whole grown record, padding included (the padding is what protection costs)."""
         n = len(self.layers)
         if self.protected:
             return n * 2 * self.geometry.record_bytes[tier]
-        return n * (2 * fp16_row_bytes if tier == Tier.FP16 else self.formats[tier].token_bytes)
+        return n * (2 * self.geometry.payload_bytes[Tier.FP16] if tier == Tier.FP16 else self.formats[tier].token_bytes)
 
 
 def _raised(fmt: QuantFormat, bits: int) -> QuantFormat:
@@ -87,7 +87,7 @@ def plan_layer_groups(cfg: FadeConfig, layers: int, heads: int, head_dim: int, d
     """The pool's layer groups: unprotected layers first (their geometry is the pool's row structure),
     then the protected ones. One group when no layer is protected (or protecting changes nothing)."""
     elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
-    bad = [l for l in cfg.protected_layers if l >= layers]
+    bad = cfg.protected_out_of_range(layers)
     if bad:
         raise ValueError(f"fade config: protected_layers {bad} out of range (the model has {layers} layers)")
     base = record_layouts(cfg, heads, head_dim)
@@ -108,13 +108,9 @@ def plan_layer_groups(cfg: FadeConfig, layers: int, heads: int, head_dim: int, d
     return [GroupPlan(tuple(range(layers)), choose_page_geometry(heads * head_dim * elem, payloads), base)]
 
 
-def group_tier_bytes(plans: list[GroupPlan], heads: int, head_dim: int, dtype: torch.dtype | int
-                         ) -> tuple[int, int, int]:
-    """Storage bytes of one token (all layers, K and V) in each tier, scales and zeros included.
-
-    ``dtype``: the fp16 tier's dtype, or its element size in bytes."""
-    elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
-    return tuple(sum(p.token_bytes(t, heads * head_dim * elem) for p in plans) for t in Tier)  # type: ignore[return-value]
+def group_tier_bytes(plans: list[GroupPlan]) -> tuple[int, int, int]:
+    """Storage bytes of one token (all layers, K and V) in each tier, scales and zeros included."""
+    return tuple(sum(p.token_bytes(t) for p in plans) for t in Tier)  # type: ignore[return-value]
 
 
 class LayerGroup:

@@ -49,7 +49,7 @@ def tier_bytes_per_token(cfg: FadeConfig, layers: int, heads: int, head_dim: int
                          dtype: torch.dtype | int) -> tuple[int, int, int]:
     """Storage bytes of one token (all layers, K and V) in each tier, scales and zeros included (protected
     layers count their whole grown record). ``dtype``: the fp16 tier's dtype, or its element size in bytes."""
-    return group_tier_bytes(plan_layer_groups(cfg, layers, heads, head_dim, dtype), heads, head_dim, dtype)
+    return group_tier_bytes(plan_layer_groups(cfg, layers, heads, head_dim, dtype))
 
 
 def arena_pages(size: int, plans: list[GroupPlan], page_size: int = 1, reserve_pages: int = 0) -> int:
@@ -82,7 +82,7 @@ class TieredKVStore:
         self.head_num, self.head_dim, self.layer_num = head_num, head_dim, layer_num
         self.start_layer = 0
         self.group_plans = plan_layer_groups(cfg, layer_num, head_num, head_dim, dtype)  # checks the formats too
-        self.tier_bytes = group_tier_bytes(self.group_plans, head_num, head_dim, dtype)
+        self.tier_bytes = group_tier_bytes(self.group_plans)
         # Rows per page (and the ratios of record sizes) are the same in every group: the first group's
         # geometry is the pool's row structure; only page bytes differ per group.
         self.geometry = self.group_plans[0].geometry
