@@ -61,7 +61,11 @@ class FadeConfig:
     rotation: bool = True  # fixed randomized Hadamard over head_dim (K, q, V; output un-rotated)
     rotation_seed: int = 0
     center_keys: bool = True  # subtract a per-(layer, head) key mean frozen at first demotion
-    clip_search: bool = True  # per-group MSE-optimal range clipping at quantize time
+    clip_search: bool = True  # values: per-group MSE-optimal range clipping at quantize time
+    # Keys: the same search (off by default). Clipping trims a key's largest components, and those are the
+    # ones the attention logits weight most: on SmolLM2, INT4 keys lose about 3x less NLL unclipped
+    # (benchmarks/RESULTS.md, "Keys without the clip search").
+    key_clip_search: bool = False
     # Most of the KV byte arena each packed tier may own (fraction of its pages); 0 disables the tier.
     # Not a partition: every tier draws pages from one arena as content ages and memory runs short.
     tier_max_share: dict[str, float] = field(default_factory=lambda: {"warm": 1.0, "cold": 1.0})
@@ -118,7 +122,7 @@ class FadeConfig:
             v = getattr(self, knob)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, knob, f"must be a positive integer, got {v!r}")
             need(v & (v - 1) == 0, knob, f"must be a power of two, got {v}")
-        for knob in ("rotation", "center_keys", "clip_search", "demote_running", "eviction",
+        for knob in ("rotation", "center_keys", "clip_search", "key_clip_search", "demote_running", "eviction",
                      "evict_instead_of_demote"):
             need(isinstance(getattr(self, knob), bool), knob, f"must be true or false, got {getattr(self, knob)!r}")
         for knob in ("warm_idle_seconds", "cold_idle_seconds", "stats_interval_seconds"):
@@ -170,11 +174,11 @@ class FadeConfig:
 
     @property
     def warm_key_format(self) -> QuantFormat:
-        return QuantFormat(self.key_bits[0], self.warm_group_size, self.clip_search)
+        return QuantFormat(self.key_bits[0], self.warm_group_size, self.key_clip_search)
 
     @property
     def cold_key_format(self) -> QuantFormat:
-        return QuantFormat(self.key_bits[1], self.cold_group_size, self.clip_search)
+        return QuantFormat(self.key_bits[1], self.cold_group_size, self.key_clip_search)
 
     def protected_out_of_range(self, layers: int) -> list[int]:
         """The protected layers a model with ``layers`` layers does not have."""

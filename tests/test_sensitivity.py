@@ -7,7 +7,7 @@ import torch
 
 from fade_sglang.config import FadeConfig
 from fade_sglang.eval.sensitivity import (Variant, compress_history, diagnostic_base, heavy_hitter_variants,
-                                          protected_variants, standard_variants)
+                                          key_clip_variants, protected_variants, standard_variants)
 from fade_sglang.eval.synthetic import synthetic_kv
 
 
@@ -86,7 +86,7 @@ def test_heavy_hitters_keep_exactly_the_top_scored_tokens():
 @pytest.mark.parametrize("preset", ["safe", "balanced", "aggressive"])
 def test_variant_names_are_their_formats_whatever_the_preset(preset):
     base = diagnostic_base(preset)
-    variants = {v.name: v for v in standard_variants(4, 2, False, False) + protected_variants((1,))}
+    variants = {v.name: v for v in standard_variants(4, 2, False, False) + protected_variants((1,)) + key_clip_variants()}
 
     def formats(name):
         cfg = variants[name].config(base)
@@ -97,3 +97,34 @@ def test_variant_names_are_their_formats_whatever_the_preset(preset):
     assert formats("int4 kv") == formats("int4 protect 1") == (4, 4)
     assert formats("k8v4") == (8, 4) and formats("int2 kv") == (2, 2) and formats("k4v2") == (4, 2)
     assert formats("int8 kv") == (8, 8)
+    assert formats("int4 keys clipped") == formats("int4 (k only)") == (4, 4) and formats("k4v2 keys clipped") == (4, 2)
+    for name, v in variants.items():  # the key-clip pairs differ in that knob only, whatever the preset's default
+        if "keys clipped" in name:
+            plain = variants[name.replace(" keys clipped", "")]
+            assert v.config(base).with_overrides({"key_clip_search": False}) == plain.config(base)
+            assert v.config(base).warm_key_format.clip_search and not plain.config(base).warm_key_format.clip_search
+            assert (v.tier, v.parts) == (plain.tier, plain.parts)
+
+
+def test_per_channel_keys_quantize_along_tokens_and_follow_channel_outliers():
+    from fade_sglang.eval.sensitivity import per_channel_keys, per_channel_variants
+    from fade_sglang.quant import QuantFormat, dequantize, quantize
+
+    k = _history(layers=1, n=150)[0][0]  # [H, T, D], outlier channels; 150 tokens: a ragged last block
+    fmt = QuantFormat(4, 64)
+    pc = per_channel_keys(k, fmt, 64)
+    assert pc.shape == k.shape
+    per_token = dequantize(quantize(k, fmt), fmt)
+    err = lambda x: float((x - k).norm() / k.norm())  # noqa: E731
+    assert 0 < err(pc) < err(per_token) / 2  # a channel's own range, not the outlier channel's
+    for b in (0, 1):  # each (block, channel) group spans its tokens' range: min and max come back (fp16 scale / zero)
+        blk = k[:, 64 * b:64 * (b + 1)]
+        got = pc[:, 64 * b:64 * (b + 1)]
+        assert torch.allclose(got.amax(1), blk.amax(1), rtol=2e-3, atol=5e-3)
+        assert torch.allclose(got.amin(1), blk.amin(1), rtol=2e-3, atol=5e-3)
+    kv = _history()
+    v = next(v for v in per_channel_variants() if v.name == "int4 per-channel b64 (k only)")
+    out = compress_history(kv, diagnostic_base("safe"), v, keep_first=16)
+    for (k0, v0), (k1, v1) in zip(kv, out):
+        assert torch.equal(v0, v1) and torch.equal(k0[:, :16], k1[:, :16])
+        assert torch.allclose(k1[:, 16:], per_channel_keys(k0[:, 16:], QuantFormat(4, 64), 64))

@@ -124,6 +124,42 @@ def test_key_bits_default_to_the_tier_bits() -> None:
     cfg = FadeConfig()
     assert cfg.key_bits == (4, 2) and cfg.tier_display_names() == ("fp16", "int4", "int2")
     cfg = cfg.with_overrides({"warm_key_bits": "8"})  # a CLI string
-    assert cfg.key_bits == (8, 2) and cfg.warm_key_format == QuantFormat(8, 64, True)
+    assert cfg.key_bits == (8, 2) and cfg.warm_key_format == QuantFormat(8, 64, clip_search=False)
     presets = {name: FadeConfig.from_preset(name).tier_display_names()[1:] for name in ("safe", "balanced", "aggressive")}
     assert presets == {"safe": ("k8v4", "int2"), "balanced": ("k8v4", "int4"), "aggressive": ("int4", "k4v2")}
+
+
+def test_keys_skip_the_clip_search_values_keep_it() -> None:
+    cfg = FadeConfig()
+    assert not cfg.warm_key_format.clip_search and not cfg.cold_key_format.clip_search
+    assert cfg.warm_format.clip_search and cfg.cold_format.clip_search
+    assert not cfg.with_overrides({"protected_layers": [0]}).protected_formats(1)[0].clip_search
+    clipped = cfg.with_overrides({"key_clip_search": "true"})  # a CLI string
+    assert clipped.warm_key_format.clip_search and clipped.protected_formats(2)[0].clip_search
+    with pytest.raises(FadeConfigError, match="key_clip_search"):
+        cfg.with_overrides({"key_clip_search": 1})
+
+
+def _packed_keys(store: TieredKVStore, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored, exact) keys of layer 0 in the packed space after demotion to the warm tier."""
+    slots = store.alloc(k.shape[0])
+    for layer in range(2):
+        store.write_kv(layer, slots, k, v)
+    exact = store._to_packed_space(torch.stack((k, v)), 0)[0]  # centers froze on the first write
+    rows = store.layout.local_index(store.demote(slots, Tier.WARM), Tier.WARM)
+    return store.groups[0].stores[Tier.WARM].key.layer(0).read(rows), exact
+
+
+def test_unclipped_keys_keep_their_largest_components_clipped_keys_trade_them_for_mse() -> None:
+    """The clip search lowers a key group's squared error by trimming its extremes; the attention logits
+    weight exactly those (real queries align with the large key components), so keys skip it."""
+    k, v = synthetic_kv(96, 3, 64, seed=3)  # outlier channels in K
+    stored, exact = _packed_keys(_store(), k.half(), v.half())
+    stored_c, exact_c = _packed_keys(_store(key_clip_search=True), k.half(), v.half())
+    assert torch.equal(exact, exact_c)
+    top = exact.abs().argmax(-1, keepdim=True)  # each token's and head's largest component (group 64 = row)
+    err_top = (stored - exact).gather(-1, top).abs().mean()
+    err_top_c = (stored_c - exact).gather(-1, top).abs().mean()
+    assert err_top < err_top_c / 4, (err_top, err_top_c)
+    mse, mse_c = (stored - exact).square().mean(), (stored_c - exact).square().mean()
+    assert mse_c < mse  # what the search optimizes

@@ -58,7 +58,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 # ----------------------------------------------------------------------------- tier formats
 @dataclass(frozen=True)
 class TierVariant:
-    """How a tier stores KV: format, rotation, and K centering (as TieredKVPool does it)."""
+    """How a tier stores KV: format, rotation, and K centering (as TieredKVPool does it), one format for K and
+    V: the pool's separate key bits and key clipping are not modelled here (synthetic data; the real-model
+    measurements are :mod:`.sensitivity` and :mod:`.doc_qa`)."""
 
     fmt: QuantFormat
     rotate: bool = True

@@ -27,6 +27,7 @@ from ..config import FadeConfig
 from ..pool.layout import Tier
 from ..pool.tiered_store import TieredKVStore
 from ..pool.view import gather_kv
+from ..quant import QuantFormat, dequantize, quantize
 from . import doc_qa
 from .real_model import ensure_smollm2
 
@@ -45,7 +46,9 @@ class Variant:
     all), and ``parts`` ("kv", "k" or "v"); everything else stays full precision. ``keep_top``: share of
     the history kept in full precision in every layer, the tokens with the most attention received
     (H2O-style heavy hitters: attention summed over layers, heads and the history's own queries, divided
-    by the number of queries that see the token)."""
+    by the number of queries that see the token). ``key_channel_block``: the keys quantized per channel
+    over blocks of this many tokens (KIVI-style) instead of through the store: a harness-only quantizer
+    (the pool stores per-token records), to measure what that layout would buy."""
 
     name: str
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -54,6 +57,8 @@ class Variant:
     heads: tuple[int, ...] | None = None
     parts: str = "kv"
     keep_top: float = 0.0
+    key_channel_block: int = 0
+
 
     def config(self, base: FadeConfig) -> FadeConfig:
         return base.with_overrides(dict(self.overrides)) if self.overrides else base
@@ -133,6 +138,11 @@ def compress_history(kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: FadeConfi
         if "v" in variant.parts:
             v2[heads_sel, keep_first:] = qv[heads_sel]
         out[l] = (k2, v2)
+    if variant.key_channel_block and "k" in variant.parts:
+        fmt = cfg.warm_key_format if variant.tier == "warm" else cfg.cold_key_format
+        for l in selected:
+            k2 = out[l][0]
+            k2[heads_sel, keep_first:] = per_channel_keys(kv[l][0][heads_sel, keep_first:], fmt, variant.key_channel_block)
     if variant.keep_top > 0:
         if scores is None:
             raise ValueError(f"variant {variant.name!r} keeps heavy hitters: run with attention scores")
@@ -141,6 +151,19 @@ def compress_history(kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: FadeConfi
             for full, packed in zip(kv[l], out[l]):
                 packed[:, top] = full[:, top]
     return out
+
+
+def per_channel_keys(k: torch.Tensor, fmt: QuantFormat, block: int) -> torch.Tensor:
+    """Keys ``[H, T, D]`` quantized per channel over blocks of ``block`` consecutive tokens (fmt's bits; scale
+    and zero per channel and block, so the same bytes as per-token groups of ``block`` channels), in the
+    model's space (no rotation or centering: the per-channel zero point takes each channel's offset)."""
+    heads, n, dim = k.shape
+    pad = (-n) % block
+    x = torch.cat((k, k[:, -1:].expand(heads, pad, dim)), dim=1) if pad else k  # repeat the last token
+    blocks = x.reshape(heads, -1, block, dim).transpose(-1, -2)  # [H, blocks, D, block]: groups run over tokens
+    per_tokens = QuantFormat(fmt.bits, block, fmt.clip_search)
+    back = dequantize(quantize(blocks, per_tokens), per_tokens).reshape_as(blocks)
+    return back.transpose(-1, -2).reshape(heads, -1, dim)[:, :n]
 
 
 def _answer_logprobs(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], turn: list[int],
@@ -209,6 +232,22 @@ def heavy_hitter_variants() -> list[Variant]:
             for share in (0.02, 0.05)]
 
 
+def key_clip_variants() -> list[Variant]:
+    """Each format with 4-bit keys, keys quantized with and without the clip search (``key_clip_search``)."""
+    formats = (("int4", (), "warm"), ("int4 g32", (("warm_group_size", 32),), "warm"),
+               ("k4v2", (("cold_key_bits", 4),), "cold"))
+    return [Variant(f"{name}{' keys clipped' if clip else ''}{' (k only)' if part == 'k' else ''}",
+                    (*o, ("key_clip_search", clip)), tier=t, parts=part)
+            for name, o, t in formats for part in ("k", "kv") for clip in (True, False)]
+
+
+def per_channel_variants() -> list[Variant]:
+    """4-bit keys per channel over 64 / 128-token blocks (harness-only, KIVI-style) beside the store's per-token
+    keys, keys only and with the store's values."""
+    return [Variant(f"int4 per-channel b{b}{' (k only)' if part == 'k' else ''}", parts=part, key_channel_block=b)
+            for b in (64, 128) for part in ("k", "kv")]
+
+
 def standard_variants(layers: int, heads: int, per_layer: bool, per_head: bool) -> list[Variant]:
     vs = [Variant("int4 kv"), Variant("int4 k", parts="k"), Variant("int4 v", parts="v"),
           Variant("int4 g32 kv", (("warm_group_size", 32),)),
@@ -232,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model-path", type=Path, default=None, help="HF directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--doc-tokens", type=int, default=1400)
+    ap.add_argument("--seed", type=int, default=0, help="document generator seed (another seed: other documents)")
     ap.add_argument("--preset", default="safe")
     ap.add_argument("--per-layer", action="store_true")
     ap.add_argument("--per-head", action="store_true")
@@ -239,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also run the INT4 / k4v2 / k8v4 histories with these layers protected")
     ap.add_argument("--heavy-hitters", action="store_true",
                     help="also run INT4 / k4v2 with the top 2%% / 5%% attended tokens kept full precision")
+    ap.add_argument("--key-clip", action="store_true",
+                    help="also run the 4-bit-key formats with keys clipped (the clip search) and unclipped")
+    ap.add_argument("--per-channel", action="store_true",
+                    help="also run INT4 keys quantized per channel over token blocks (KIVI-style, harness only)")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
                     help="run only the variants with these names (e.g. 'int4 kv' k8v4)")
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
@@ -250,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     attn = {"attn_implementation": "eager"} if args.heavy_hitters else {}  # attention weights for the scores
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attn).eval()
     base = diagnostic_base(args.preset)
-    docs = doc_qa.make_docs(tok, args.docs, args.doc_tokens)
+    docs = doc_qa.make_docs(tok, args.docs, args.doc_tokens, seed=args.seed)
     convs = build_conversations(model, tok, path, docs)
     n_layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     variants = standard_variants(n_layers, heads, args.per_layer, args.per_head)
@@ -262,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants += protected_variants(protect)
     if args.heavy_hitters:
         variants += heavy_hitter_variants()
+    if args.key_clip:
+        variants += key_clip_variants()
+    if args.per_channel:
+        variants += per_channel_variants()
     if args.only:
         unknown = set(args.only) - {v.name for v in variants}
         if unknown:
