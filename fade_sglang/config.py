@@ -63,8 +63,8 @@ class FadeConfig:
     center_keys: bool = True  # subtract a per-(layer, head) key mean frozen at first demotion
     clip_search: bool = True  # values: per-group MSE-optimal range clipping at quantize time
     # Keys: the same search (off by default). Clipping trims a key's largest components, and those are the
-    # ones the attention logits weight most: on SmolLM2, INT4 keys lose about 3x less NLL unclipped
-    # (benchmarks/RESULTS.md, "Keys without the clip search").
+    # ones the attention logits weight most: on SmolLM2, INT4 keys in groups of 64 lose 40% less NLL
+    # unclipped, as little as group 32 (24 conversations; benchmarks/RESULTS.md, "Keys without the clip search").
     key_clip_search: bool = False
     # Most of the KV byte arena each packed tier may own (fraction of its pages); 0 disables the tier.
     # Not a partition: every tier draws pages from one arena as content ages and memory runs short.

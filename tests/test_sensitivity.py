@@ -7,7 +7,8 @@ import torch
 
 from fade_sglang.config import FadeConfig
 from fade_sglang.eval.sensitivity import (Variant, compress_history, diagnostic_base, heavy_hitter_variants,
-                                          key_clip_variants, protected_variants, standard_variants)
+                                          key_clip_variants, per_channel_variants, protected_variants,
+                                          standard_variants)
 from fade_sglang.eval.synthetic import synthetic_kv
 
 
@@ -97,6 +98,11 @@ def test_variant_names_are_their_formats_whatever_the_preset(preset):
     assert formats("int4 kv") == formats("int4 protect 1") == (4, 4)
     assert formats("k8v4") == (8, 4) and formats("int2 kv") == (2, 2) and formats("k4v2") == (4, 2)
     assert formats("int8 kv") == (8, 8)
+    lists = [standard_variants(4, 2, False, False), protected_variants((1,)), key_clip_variants(),
+             heavy_hitter_variants(), per_channel_variants()]
+    for name in {v.name for vs in lists for v in vs}:  # a name shared by two lists is the same variant
+        assert len({(v.config(base).to_json(), v.tier, v.parts, v.keep_top, v.key_channel_block)
+                    for vs in lists for v in vs if v.name == name}) == 1, name
     assert formats("int4 keys clipped") == formats("int4 (k only)") == (4, 4) and formats("k4v2 keys clipped") == (4, 2)
     for name, v in variants.items():  # the key-clip pairs differ in that knob only, whatever the preset's default
         if "keys clipped" in name:
@@ -107,7 +113,7 @@ def test_variant_names_are_their_formats_whatever_the_preset(preset):
 
 
 def test_per_channel_keys_quantize_along_tokens_and_follow_channel_outliers():
-    from fade_sglang.eval.sensitivity import per_channel_keys, per_channel_variants
+    from fade_sglang.eval.sensitivity import per_channel_keys
     from fade_sglang.quant import QuantFormat, dequantize, quantize
 
     k = _history(layers=1, n=150)[0][0]  # [H, T, D], outlier channels; 150 tokens: a ragged last block

@@ -310,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants += key_clip_variants()
     if args.per_channel:
         variants += per_channel_variants()
+    variants = list({v.name: v for v in variants}.values())  # a name in two lists is one variant (same config)
     if args.only:
         unknown = set(args.only) - {v.name for v in variants}
         if unknown:
