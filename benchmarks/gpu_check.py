@@ -508,6 +508,8 @@ def correctness(dname: str, cfg: argparse.Namespace, report: Report, budget: Bud
 
     case("decode+extend", "k8v4-k4v2-shuffled", lambda: run_store_variant({"warm_key_bits": 8, "cold_key_bits": 4}))
     case("decode+extend", "protected-layer-shuffled", lambda: run_store_variant({"protected_layers": (0,)}))
+    case("decode+extend", "k4v3-g64-shuffled",  # 3-bit values (two code planes), aggressive's cold tier
+         lambda: run_store_variant({"cold_bits": 3, "cold_key_bits": 4, "cold_group_size": 64}))
 
     # Quantize: the kernel twin of fade_sglang.quant.quantize on synthetic K (outliers) and V in this dtype.
     xk, xv = synthetic_kv(cfg.quant_tokens, hkv, d, seed=17)
@@ -523,7 +525,7 @@ def correctness(dname: str, cfg: argparse.Namespace, report: Report, budget: Bud
         return {"max_code_diff": int(diff.max()), "code_diff_frac": float((diff > 0).float().mean()),
                 "param_rel": prel}
 
-    for bits, gsz in ((4, 64), (2, 32), (8, 64)):
+    for bits, gsz in ((4, 64), (2, 32), (8, 64), (3, 64)):
         def run_quant(bits=bits, gsz=gsz) -> dict[str, Any]:
             fmt = QuantFormat(bits, gsz)
             r = code_cmp(K.quantize(xq, fmt), quantize(xq, fmt), fmt)

@@ -152,19 +152,43 @@ def load_codes(data_ptr, data_b_ptr, rows, mask, head, j, d_srow, SPLIT: tl.cons
 
 
 @triton.jit
+def load_plane(data_ptr, data_b_ptr, rows, valid, head, d_srow, SPLIT: tl.constexpr, DP: tl.constexpr,
+               START: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Codes [N, BLOCK_D] in channel order of one planar plane of ``BITS``-bit codes (D * BITS / 8 bytes from
+    byte ``START`` of each head's code row; masked rows and padding channels read 0).
+
+    Planar packing: byte j holds channel j + p * W (W = D / P, P = 8 / BITS) in bits [p * BITS, (p + 1) * BITS),
+    so the P shifted copies of the byte tile, stacked on a new middle axis, are already in channel order (no
+    interleave). A padded tile (BLOCK_D > D) instead loads, for channel c, byte c % W shifted by
+    (c // W) * BITS: channel order again."""
+    PER: tl.constexpr = 8 // BITS
+    W: tl.constexpr = D // PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BLOCK_D == D:
+        raw = load_codes(data_ptr, data_b_ptr, rows, valid[:, None], head, START + tl.arange(0, W)[None, :],
+                         d_srow, SPLIT, DP)
+        if PER > 1:
+            raw = (raw[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & MASK  # [N, P, W]
+        return tl.reshape(raw, [N, BLOCK_D])
+    else:
+        c = tl.arange(0, BLOCK_D)
+        raw = load_codes(data_ptr, data_b_ptr, rows, valid[:, None] & (c < D)[None, :], head,
+                         (START + c % W)[None, :], d_srow, SPLIT, DP)
+        if PER > 1:
+            raw = (raw >> ((c // W) * BITS)[None, :]) & MASK
+        return raw
+
+
+@triton.jit
 def load_packed_tile(data_ptr, data_b_ptr, scale_ptr, zero_ptr, rows, valid, head, d_srow, s_srow,
                      BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
                      N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Dequantized float32 [N, BLOCK_D] tile (packed space: rotated, K still centered) of rows ``rows``, one head.
 
     Every tensor is [rows, H, X] with contiguous [H, X] blocks: ``d_srow`` / ``s_srow`` are the row strides
-    of the code bytes and of the fp16 scale / zero (head strides follow from the format).
-    Planar packing: byte j holds channel j + p * D / P in bits [p * BITS, (p + 1) * BITS),
-    so the P shifted copies of the byte tile, stacked on a new middle axis, are already
-    in channel order (no interleave): they reshape to [N, groups, GROUP] for the
-    per-group scale / zero and then to [N, D]. A padded tile (BLOCK_D > D) instead loads,
-    for channel c, byte c % (D / P) and shifts it by (c // (D / P)) * BITS: natural channel
-    order again, padding channels (whole groups) read codes, scale and zero 0, i.e. value 0.
+    of the code bytes and of the fp16 scale / zero (head strides follow from the format). The codes come
+    from :func:`load_plane` (3-bit codes: a 2-bit plane of their low bits, then a 1-bit plane of their
+    high bit) and reshape to [N, groups, GROUP] for the per-group scale / zero.
     The one non-power-of-two GROUP that ``QuantFormat.group_size_for`` can produce is the whole
     row (GROUP == D < configured group): it is one BLOCK_D-wide group whose padding channels
     decode to its zero point; harmless, since q_rot is 0 there and those output channels are
@@ -173,27 +197,20 @@ def load_packed_tile(data_ptr, data_b_ptr, scale_ptr, zero_ptr, rows, valid, hea
     number (OR into the mantissa, subtract): full-rate integer / FP ops instead of
     the quarter-rate I2F instruction.
     """
-    PER_BYTE: tl.constexpr = 8 // BITS
-    DP: tl.constexpr = D // PER_BYTE
+    DP: tl.constexpr = D * BITS // 8
     NG: tl.constexpr = D // GROUP
     GT: tl.constexpr = GROUP if (GROUP & (GROUP - 1)) == 0 else BLOCK_D  # tile group width (see above)
     NGP: tl.constexpr = BLOCK_D // GT
-    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS == 3:
+        raw = load_plane(data_ptr, data_b_ptr, rows, valid, head, d_srow, SPLIT, DP, 0, 2, D, N, BLOCK_D)
+        raw |= load_plane(data_ptr, data_b_ptr, rows, valid, head, d_srow, SPLIT, DP, D // 4, 1, D, N, BLOCK_D) << 2
+    else:
+        raw = load_plane(data_ptr, data_b_ptr, rows, valid, head, d_srow, SPLIT, DP, 0, BITS, D, N, BLOCK_D)
     if BLOCK_D == D:
-        raw = load_codes(data_ptr, data_b_ptr, rows, valid[:, None], head, tl.arange(0, DP)[None, :], d_srow,
-                         SPLIT, DP)
-        if PER_BYTE > 1:
-            shifts = tl.arange(0, PER_BYTE) * BITS
-            raw = (raw[:, None, :] >> shifts[None, :, None]) & MASK  # [N, P, DP]: channel p * DP + j
         s_mask = valid[:, None]
     else:
-        c = tl.arange(0, BLOCK_D)
-        raw = load_codes(data_ptr, data_b_ptr, rows, valid[:, None] & (c < D)[None, :], head, (c % DP)[None, :],
-                         d_srow, SPLIT, DP)
-        if PER_BYTE > 1:
-            raw = (raw >> ((c // DP) * BITS)[None, :]) & MASK  # [N, BLOCK_D]: channel c
         s_mask = valid[:, None] & (tl.arange(0, NGP) < NG)[None, :]
-    # Channel order is row-major in both views, so [N, P, DP] -> [N, NG, GROUP] is a pure reshape.
+    # Channel order is row-major, so [N, BLOCK_D] -> [N, NG, GROUP] is a pure reshape.
     codes = tl.reshape(raw, [N, NGP, GT])
     codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     s_offs = (rows * s_srow + head * NG)[:, None] + tl.arange(0, NGP)[None, :]
@@ -573,7 +590,7 @@ def packed_args(p: PackedLayerKV | None, dummy: torch.Tensor) -> tuple[tuple, tu
     if p is None:  # HAS_<tier> is False: the tier's loop is not compiled, these only fill the signature
         return (dummy,) * 7, (0, 0), dict(K_BITS=2, K_GROUP=16, K_SPLIT=4, V_BITS=2, V_GROUP=16)
     k, v = p.key, p.value
-    d = v.data.shape[-1] * v.fmt.codes_per_byte  # value codes are never split
+    d = v.fmt.head_dim_of(v.data.shape[-1])  # value codes are never split
     return ((k.data, k.data if k.data_b is None else k.data_b, k.scale, k.zero, v.data, v.scale, v.zero),
             (k.data.stride(0), k.scale.stride(0)),
             dict(K_BITS=k.fmt.bits, K_GROUP=k.fmt.group_size_for(d), K_SPLIT=k.split,

@@ -85,6 +85,39 @@ def _sq_error(x, codes, scale, zero, ch_mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _store_plane(codes, a_rows, b_rows, head, valid, START: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
+                 DP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pack ``codes`` [BLOCK_R, BLOCK_D] (< 2**BITS, channel order) planar and store them at bytes
+    START.. of each head's code row: bytes < SPLIT in the K half (``a_rows``), the rest in ``b_rows``."""
+    PER: tl.constexpr = 8 // BITS
+    W: tl.constexpr = D // PER  # bytes of this plane
+    WP: tl.constexpr = BLOCK_D // PER  # bytes of the (padded) plane tile
+    offs_j = tl.arange(0, WP)
+    if PER == 1:
+        packed = codes
+    elif BLOCK_D != D:
+        # Planar with planes W wide (not a reshape of the padded row): plane p of byte j is
+        # code[p * W + j], gathered across the row's registers (bytes j >= W are masked off at the store).
+        packed = tl.zeros([BLOCK_R, WP], tl.int32)
+        for p in tl.static_range(PER):
+            src_c = tl.minimum(p * W + offs_j, BLOCK_D - 1)
+            idx = tl.broadcast_to(src_c[None, :], [BLOCK_R, WP])
+            packed |= tl.gather(codes, idx, 1) << (p * BITS)
+    else:
+        # Planar: byte j = sum_p code[j + p * W] << (p * BITS).
+        planes = tl.reshape(codes, [BLOCK_R, PER, W])
+        packed = tl.sum(planes << (tl.arange(0, PER) * BITS)[None, :, None], 1)
+    mask = valid[:, None] & (offs_j < W)[None, :]
+    packed = packed.to(tl.uint8)
+    b = START + offs_j[None, :]
+    if SPLIT == DP:
+        tl.store(a_rows[:, None] + head[:, None] * DP + b, packed, mask=mask)
+    else:
+        tl.store(a_rows[:, None] + head[:, None] * SPLIT + b, packed, mask=mask & (b < SPLIT))
+        tl.store(b_rows[:, None] + head[:, None] * (DP - SPLIT) + (b - SPLIT), packed, mask=mask & (b >= SPLIT))
+
+
+@triton.jit
 def _quantize_kernel(
     Src, SrcRows, DstData, DstDataB, DstScale, DstZero, DstRows, R, Center, n_tokens, heads,
     s_sl, s_srow, s_sh,
@@ -95,8 +128,7 @@ def _quantize_kernel(
     HAS_SRC_ROWS: tl.constexpr, ROTATE: tl.constexpr, CENTER: tl.constexpr,
     CLIP: tl.constexpr, CLIP_RATIOS: tl.constexpr, NUM_CLIP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    PER_BYTE: tl.constexpr = 8 // BITS
-    DP: tl.constexpr = D // PER_BYTE
+    DP: tl.constexpr = D * BITS // 8
     NG: tl.constexpr = D // GROUP
     PADDED: tl.constexpr = BLOCK_D != D
     # A non-power-of-two group is the whole row (GROUP == D, from QuantFormat.group_size_for when the
@@ -171,38 +203,14 @@ def _quantize_kernel(
             codes = tl.where(better[:, :, None], c_codes, codes)
 
     codes = tl.reshape(codes.to(tl.int32), [BLOCK_R, BLOCK_D])
-    DPP: tl.constexpr = BLOCK_D // PER_BYTE  # bytes of the (padded) packed row tile
-    if PER_BYTE == 1:
-        packed = codes
-    elif PADDED:
-        # Planar with planes DP = D / P wide (not a reshape of the padded row): plane p of byte j is
-        # code[p * DP + j], gathered across the row's registers (bytes j >= DP are masked off at the store).
-        offs_j = tl.arange(0, DPP)
-        packed = tl.zeros([BLOCK_R, DPP], tl.int32)
-        for p in tl.static_range(PER_BYTE):
-            src_c = tl.minimum(p * DP + offs_j, BLOCK_D - 1)
-            idx = tl.broadcast_to(src_c[None, :], [BLOCK_R, DPP])
-            packed |= tl.gather(codes, idx, 1) << (p * BITS)
-    else:
-        # Planar: byte j = sum_p code[j + p * DP] << (p * BITS).
-        planes = tl.reshape(codes, [BLOCK_R, PER_BYTE, DP])
-        shifts = tl.arange(0, PER_BYTE) * BITS
-        packed = tl.sum(planes << shifts[None, :, None], 1)
-    offs_b = tl.arange(0, DPP)
-    if PADDED:
-        b_mask = valid[:, None] & (offs_b < DP)[None, :]
-    else:
-        b_mask = valid[:, None]
     # [rows, H, X] blocks are contiguous: head strides are SPLIT, DP - SPLIT and NG.
-    packed = packed.to(tl.uint8)
-    if SPLIT == DP:
-        tl.store(DstData + layer * d_sl + dst_row[:, None] * d_srow + head[:, None] * DP + offs_b[None, :],
-                 packed, mask=b_mask)
+    a_rows = DstData + layer * d_sl + dst_row * d_srow
+    b_rows = DstDataB + layer * b_sl + dst_row * b_srow
+    if BITS == 3:  # a 2-bit plane of the low bits, then a 1-bit plane of the high bit
+        _store_plane(codes & 3, a_rows, b_rows, head, valid, 0, 2, SPLIT, DP, D, BLOCK_R, BLOCK_D)
+        _store_plane(codes >> 2, a_rows, b_rows, head, valid, D // 4, 1, SPLIT, DP, D, BLOCK_R, BLOCK_D)
     else:
-        tl.store(DstData + layer * d_sl + dst_row[:, None] * d_srow + head[:, None] * SPLIT + offs_b[None, :],
-                 packed, mask=b_mask & (offs_b < SPLIT)[None, :])
-        tl.store(DstDataB + layer * b_sl + dst_row[:, None] * b_srow + head[:, None] * (DP - SPLIT)
-                 + (offs_b - SPLIT)[None, :], packed, mask=b_mask & (offs_b >= SPLIT)[None, :])
+        _store_plane(codes, a_rows, b_rows, head, valid, 0, BITS, SPLIT, DP, D, BLOCK_R, BLOCK_D)
     q_base = layer * q_sl + dst_row * q_srow + head * NG
     if NGP == 1:
         tl.store(DstScale + q_base, tl.reshape(scale, [BLOCK_R]), mask=valid)

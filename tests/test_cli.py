@@ -128,7 +128,7 @@ BAD_ARGS = [
     (["--kv-compression", "fade", "--fade-sink-tokens", "many"], "sink_tokens"),
     (["--kv-compression", "fade", "--fade-set", "no_such_knob=1"], "unknown knob 'no_such_knob'"),
     (["--kv-compression", "fade", "--fade-set", "warm_bits"], "KNOB=VALUE"),
-    (["--kv-compression", "fade", "--fade-set", "warm_bits=3"], "warm_bits"),
+    (["--kv-compression", "fade", "--fade-set", "warm_bits=5"], "warm_bits must be one of"),
     (["--kv-compression", "fade", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
     (["--kv-compression", "fade", "--page-size", "16"], "--page-size 1"),
     (["--kv-compression", "fade", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),

@@ -21,7 +21,7 @@ def test_presets_are_valid_and_ordered_by_aggressiveness() -> None:
 
 @pytest.mark.parametrize("overrides,message", [
     ({"recent_window": -1}, "recent_window must be >= 0"),
-    ({"warm_bits": 3}, "warm_bits must be one of"),
+    ({"warm_bits": 6}, "warm_bits must be one of"),
     ({"cold_bits": 8}, "must not exceed warm_bits"),
     ({"warm_group_size": 48}, "power of two"),
     ({"tier_max_share": {"warm": 1.5}}, r"tier_max_share \[warm\] must be a number in \[0, 1\]"),

@@ -22,7 +22,7 @@ def test_fade_set_adds_knobs_to_fade_settings_and_renames_them() -> None:
 
 
 @pytest.mark.parametrize("knob,needle", [("bogus=1", "unknown knob 'bogus'"), ("protected_layers", "KEY=VALUE"),
-                                         ("protected_key_bits=3", "protected_key_bits must be one of")])
+                                         ("protected_key_bits=5", "protected_key_bits must be one of")])
 def test_bad_knob_is_one_line_before_anything_runs(knob: str, needle: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         doc_qa.main(["--settings", "fp16,fade-safe", "--fade-set", knob, "--model-path", "/nonexistent"])

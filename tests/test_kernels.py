@@ -177,6 +177,17 @@ def test_extend_fp16_prefix_direct_path():
     assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.125, dequantized=False)) < TOL[torch.float32]
 
 
+def _decode_and_extend_match_the_dequantized_math(case, head_dim: int, group: int, dtype: torch.dtype) -> None:
+    q = request_queries(case, group).to(dtype)
+    scale = head_dim ** -0.5
+    out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, scale, num_kv_splits=2)
+    assert rel_err(out, dense_decode(q.double(), case, scale, dequantized=True)) < TOL[dtype]
+    q, kn, vn, qo = _extend_inputs(case, [3, 4, 1, 17], group)
+    q, kn, vn = q.to(dtype), kn.to(dtype), vn.to(dtype)
+    out = K.extend_attention(q, kn, vn, case.view, qo, case.kv_indptr, case.kv_indices, 0.1)
+    assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.1, dequantized=True)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("head_dim,group,dtype,key_bits", [
     (64, 3, torch.float16, {"warm_key_bits": 8, "cold_key_bits": 4}),  # K codes spill into the V half
     (128, 4, torch.float32, {"warm_key_bits": 8}),
@@ -186,14 +197,22 @@ def test_decode_and_extend_with_keys_at_more_bits(head_dim, group, dtype, key_bi
     case = build_case([1, 45, 0, 70], head_dim=head_dim, dtype=dtype, seed=head_dim + group, **key_bits)
     warm = case.view.warm
     assert warm.key.fmt.bits == 8 and warm.value.fmt.bits == 4 and warm.key.data_b is not None
-    q = request_queries(case, group).to(dtype)
-    scale = head_dim ** -0.5
-    out = K.decode_attention(q, case.view, case.kv_indptr, case.kv_indices, scale, num_kv_splits=2)
-    assert rel_err(out, dense_decode(q.double(), case, scale, dequantized=True)) < TOL[dtype]
-    q, kn, vn, qo = _extend_inputs(case, [3, 4, 1, 17], group)
-    q, kn, vn = q.to(dtype), kn.to(dtype), vn.to(dtype)
-    out = K.extend_attention(q, kn, vn, case.view, qo, case.kv_indptr, case.kv_indices, 0.1)
-    assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.1, dequantized=True)) < TOL[dtype]
+    _decode_and_extend_match_the_dequantized_math(case, head_dim, group, dtype)
+
+
+@pytest.mark.parametrize("head_dim,group,dtype,formats", [
+    # aggressive's cold tier: k4v3 in groups of 64 (key codes spill into the V half)
+    (64, 3, torch.float16, {"cold_bits": 3, "cold_key_bits": 4, "cold_group_size": 64}),
+    (128, 4, torch.float32, {"warm_bits": 3, "cold_bits": 3}),  # 3-bit K and V in both tiers
+    (80, 2, torch.float16, {"cold_bits": 3, "cold_key_bits": 4}),  # padded tiles: both planes gathered
+    (96, 3, torch.float32, {"warm_bits": 3, "cold_bits": 2}),
+])
+def test_decode_and_extend_over_3_bit_codes(head_dim, group, dtype, formats):
+    """3-bit codes (a 2-bit plane of the low bits, a 1-bit plane of the high bit) read in place by both kernels."""
+    case = build_case([1, 45, 0, 70], head_dim=head_dim, dtype=dtype, seed=head_dim + group, **formats)
+    tier = case.view.warm if formats.get("warm_bits") == 3 else case.view.cold
+    assert tier.value.fmt.bits == 3 and tier.value.data.shape[-1] == head_dim * 3 // 8
+    _decode_and_extend_match_the_dequantized_math(case, head_dim, group, dtype)
 
 
 @pytest.mark.parametrize("head_dim,group,dtype", [(64, 3, torch.float16), (128, 4, torch.float32)])
@@ -206,14 +225,7 @@ def test_decode_and_extend_over_a_protected_layer(head_dim, group, dtype):
     assert case.pool.protected_layers == (0,) and not view.k_fp16.is_contiguous()
     assert view.k_fp16.stride(0) > view.k_fp16.shape[1] * head_dim
     assert view.warm.key.fmt.bits == 8 and view.cold.key.fmt.bits == 8 and view.cold.value.fmt.bits >= 4
-    q = request_queries(case, group).to(dtype)
-    scale = head_dim ** -0.5
-    out = K.decode_attention(q, view, case.kv_indptr, case.kv_indices, scale, num_kv_splits=2)
-    assert rel_err(out, dense_decode(q.double(), case, scale, dequantized=True)) < TOL[dtype]
-    q, kn, vn, qo = _extend_inputs(case, [3, 4, 1, 17], group)
-    q, kn, vn = q.to(dtype), kn.to(dtype), vn.to(dtype)
-    out = K.extend_attention(q, kn, vn, view, qo, case.kv_indptr, case.kv_indices, 0.1)
-    assert rel_err(out, dense_extend(q, kn, vn, qo, case, 0.1, dequantized=True)) < TOL[dtype]
+    _decode_and_extend_match_the_dequantized_math(case, head_dim, group, dtype)
 
 
 def _fill_layers(pool: TieredKVPool, n: int) -> torch.Tensor:
@@ -249,6 +261,7 @@ def test_fused_demotion_per_layer_group_matches_torch_path():
 
 @pytest.mark.parametrize("bits,group,head_dim,src_dtype", [
     (4, 64, 64, torch.float32), (2, 32, 128, torch.float32), (8, 64, 128, torch.float16), (2, 16, 64, torch.float16),
+    (3, 64, 64, torch.float32), (3, 32, 128, torch.float16),
 ])
 def test_quantize_bit_exact_vs_torch(bits, group, head_dim, src_dtype):
     k, v = synthetic_kv(29, 3, head_dim, seed=bits)
@@ -259,18 +272,18 @@ def test_quantize_bit_exact_vs_torch(bits, group, head_dim, src_dtype):
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("key_bits", [0, 8])
-def test_quantize_rows_fused_rotation_matches_pool_demotion(key_bits):
+@pytest.mark.parametrize("bits,key_bits", [(4, 0), (4, 8), (3, 0), (3, 4)])
+def test_quantize_rows_fused_rotation_matches_pool_demotion(bits, key_bits):
     """All layers in one launch per part from fp16 pool slots, rotation + key centering fused, vs the pool's
-    torch path (key_bits 8: the key codes are stored in two pieces)."""
-    cfg = FadeConfig(clip_search=False, warm_key_bits=key_bits)  # INT4 and INT2 on; the tiers share the arena
+    torch path (keys at more bits than values: the key codes are stored in two pieces)."""
+    cfg = FadeConfig(clip_search=False, warm_bits=bits, warm_key_bits=key_bits)  # the tiers share the arena
     pool = TieredKVPool(2000, 1, torch.float16, 2, 64, 3, "cpu", False, fade_config=cfg)
     n = 40
     slots = _fill_layers(pool, n)
     new = pool.demote(slots, Tier.WARM)  # torch path; freezes the key centers (freed fp16 rows keep their data)
     store = pool.stores[Tier.WARM]
     rows = new - pool.layout.warm_base
-    assert (store.key.data_b is not None) == (key_bits == 8)
+    assert (store.key.data_b is not None) == (key_bits > bits)
     for kv, want in enumerate((store.key, store.value)):
         got = PackedPart.zeros(want.fmt, 3, want.data.shape[1], 2, 64, "cpu", split=want.split)
         K.quantize_rows(pool.kv_fp16[:, kv], got, rows, src_rows=slots, rotation=pool.rotation,

@@ -120,7 +120,7 @@ def test_extend_padded_fp16_prefix_direct_path(head_dim):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_quantize_bit_exact_vs_torch(head_dim, dtype):
     k, v = synthetic_kv(9, 2, head_dim, seed=head_dim)
-    for fmt in (QuantFormat(4, 64), QuantFormat(2, 32), QuantFormat(8, 64), QuantFormat(2, 16)):
+    for fmt in (QuantFormat(4, 64), QuantFormat(2, 32), QuantFormat(8, 64), QuantFormat(2, 16), QuantFormat(3, 64)):
         for x in (k.to(dtype), v.to(dtype)):
             got, want = K.quantize(x, fmt), quantize(x, fmt)
             for a, b in zip(got, want):
@@ -130,7 +130,8 @@ def test_quantize_bit_exact_vs_torch(head_dim, dtype):
 @pytest.mark.parametrize("head_dim", [80, 96])
 def test_quantize_clip_search_matches_torch_choice(head_dim):
     k, _ = synthetic_kv(32, 2, head_dim, seed=head_dim)
-    for fmt in (QuantFormat(4, 64, clip_search=True), QuantFormat(2, 32, clip_search=True)):
+    for fmt in (QuantFormat(4, 64, clip_search=True), QuantFormat(2, 32, clip_search=True),
+                QuantFormat(3, 32, clip_search=True)):
         got, want = K.quantize(k, fmt), quantize(k, fmt)
         same = (got.scale == want.scale) & (got.zero == want.zero)
         assert float(same.float().mean()) > 0.98  # a group may differ only when two candidates tie to rounding

@@ -62,7 +62,7 @@ def test_pool_has_the_bytes_of_a_plain_pool_and_more_tokens_when_packed() -> Non
         assert stats["arena_bytes"] == pool.arena_nbytes()
         capacity[preset] = stats["capacity_tokens"]
         assert capacity[preset] > stats["fp16_capacity_tokens"] >= 4000
-    # densest tier: safe k8v4 (2.46x at 16 bits), balanced INT4 group 32 (3.2x), aggressive k4v2 (4x)
+    # densest tier: safe k8v4 (2.46x at 16 bits), balanced INT4 group 32 (3.2x), aggressive k4v3 (4x)
     assert capacity["safe"] < capacity["balanced"] < capacity["aggressive"]
     off = make_pool(size=4000, tier_max_share={"warm": 0.0, "cold": 0.0})
     assert not off.stores and off.available(Tier.WARM) == off.available(Tier.COLD) == 0

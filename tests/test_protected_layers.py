@@ -30,11 +30,11 @@ def test_config_parses_and_validates_protected_layers() -> None:
     assert FadeConfig.from_json('{"protected_layers": [2, 0]}').protected_layers == (0, 2)
     assert FadeConfig().with_overrides({"protected_layers": ""}).protected_layers == ()
     for bad in ({"protected_layers": "x"}, {"protected_layers": [-1]}, {"protected_layers": [1.5]},
-                {"protected_key_bits": 3}, {"protected_value_bits": True}):
+                {"protected_key_bits": 6}, {"protected_value_bits": True}):
         with pytest.raises(FadeConfigError, match="protected_"):
             FadeConfig().with_overrides(bad)
-    key, value = FadeConfig.from_preset("aggressive").protected_formats(2)  # cold k4v2 -> at least k8v4
-    assert (key.bits, value.bits, key.group_size) == (8, 4, 32)
+    key, value = FadeConfig.from_preset("aggressive").protected_formats(2)  # cold k4v3 -> at least k8v4
+    assert (key.bits, value.bits, key.group_size) == (8, 4, 64)
 
 
 def test_out_of_range_layer_is_one_clear_error() -> None:

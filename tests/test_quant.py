@@ -9,7 +9,7 @@ from fade_sglang.quant import QuantFormat, QuantizedKV, dequantize, pack_codes, 
 from fade_sglang.eval.synthetic import synthetic_kv
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_unpack_is_bit_exact(bits: int) -> None:
     gen = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 1 << bits, (7, 3, 128), generator=gen, dtype=torch.int64).to(torch.uint8)
@@ -25,6 +25,9 @@ def test_planar_layout_matches_documented_bit_positions() -> None:
     # INT2, D=8: byte j holds channels j, j+2, j+4, j+6 at bit offsets 0, 2, 4, 6.
     codes2 = torch.tensor([[0, 1, 2, 3, 3, 2, 1, 0]], dtype=torch.uint8)
     assert pack_codes(codes2, 2).tolist() == [[0 | (2 << 2) | (3 << 4) | (1 << 6), 1 | (3 << 2) | (2 << 4) | (0 << 6)]]
+    # 3-bit, D=8: the low 2 bits as the INT2 row above, then one byte with the high bit of channel p at bit p.
+    codes3 = torch.tensor([[4, 5, 6, 7, 3, 2, 1, 0]], dtype=torch.uint8)
+    assert pack_codes(codes3, 3).tolist() == [pack_codes(codes2, 2).tolist()[0] + [0b1111]]
 
 
 def _fp64_reference_roundtrip(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -37,7 +40,7 @@ def _fp64_reference_roundtrip(x: torch.Tensor, bits: int, group: int) -> torch.T
     return (zero + q * scale).reshape(x.shape)
 
 
-@pytest.mark.parametrize("bits,group", [(8, 128), (4, 128), (4, 64), (4, 32), (2, 32), (2, 128)])
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 128), (4, 64), (4, 32), (3, 64), (3, 32), (2, 32), (2, 128)])
 def test_roundtrip_matches_fp64_reference_and_error_bound(bits: int, group: int) -> None:
     k, _ = synthetic_kv(256, 4, 128, seed=3)
     fmt = QuantFormat(bits, group)
@@ -74,11 +77,13 @@ def test_accepts_model_dtypes_and_constant_groups(dtype: torch.dtype) -> None:
 
 def test_bad_formats_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="bits must be one of"):
-        QuantFormat(3, 32)
+        QuantFormat(5, 32)
     with pytest.raises(ValueError, match="group_size must be positive"):
         QuantFormat(4, 0)
     with pytest.raises(ValueError, match="2-bit packing"):
         quantize(torch.randn(2, 66), QuantFormat(2, 32))
+    with pytest.raises(ValueError, match="multiple of 8 \\(3-bit packing\\)"):
+        quantize(torch.randn(2, 68), QuantFormat(3, 4))
 
 
 @pytest.mark.parametrize("head_dim,group,expect", [(80, 64, 16), (96, 64, 32), (256, 64, 64), (64, 128, 64)])
@@ -91,7 +96,7 @@ def test_group_falls_back_for_non_power_of_two_head_dims(head_dim: int, group: i
     assert ((dequantize(q, fmt) - x).norm() / x.norm()) < 0.1
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_stored_scale_is_clamped_where_it_is_computed(bits: int) -> None:
     """Constant groups (zero range) and huge ranges store a normal, finite fp16 scale, and decode exactly
     (constant) or finitely (huge)."""

@@ -8,7 +8,7 @@ import torch
 from fade_sglang.config import FadeConfig
 from fade_sglang.eval.sensitivity import (Variant, compress_history, diagnostic_base, heavy_hitter_variants,
                                           key_clip_variants, per_channel_variants, protected_variants,
-                                          standard_variants)
+                                          recommend_protected_layers, standard_variants, VariantResult)
 from fade_sglang.eval.synthetic import synthetic_kv
 
 
@@ -51,7 +51,7 @@ def test_int2_is_coarser_than_int4_and_int8_finer():
     assert errs["int8"] < errs["int4"] / 8 and errs["int4"] < errs["int2"] / 2
     # keys at 8 bits in the k8v4 tier; its values are the INT4 tier's, bit for bit
     assert errs["k8v4"] < errs["int4"] / 8 and errs["k8v4 v"] == errs["int4 v"]
-    assert len(standard_variants(30, 3, per_layer=True, per_head=True)) == 12 + 30 + 3
+    assert len(standard_variants(30, 3, per_layer=True, per_head=True)) == 14 + 30 + 3
 
 
 def test_protected_variant_goes_through_the_store_and_sharpens_only_those_layers():
@@ -97,7 +97,8 @@ def test_variant_names_are_their_formats_whatever_the_preset(preset):
 
     assert formats("int4 kv") == formats("int4 protect 1") == (4, 4)
     assert formats("k8v4") == (8, 4) and formats("int2 kv") == (2, 2) and formats("k4v2") == (4, 2)
-    assert formats("int8 kv") == (8, 8)
+    assert formats("int8 kv") == (8, 8) and formats("k4v3") == (4, 3) and formats("int3 kv") == (3, 3)
+    assert variants["k4v3"].config(base).cold_format.group_size == 64  # k4v2's bytes (group 32) in 3-bit values
     lists = [standard_variants(4, 2, False, False), protected_variants((1,)), key_clip_variants(),
              heavy_hitter_variants(), per_channel_variants()]
     for name in {v.name for vs in lists for v in vs}:  # a name shared by two lists is the same variant
@@ -134,3 +135,22 @@ def test_per_channel_keys_quantize_along_tokens_and_follow_channel_outliers():
     for (k0, v0), (k1, v1) in zip(kv, out):
         assert torch.equal(v0, v1) and torch.equal(k0[:, :16], k1[:, :16])
         assert torch.allclose(k1[:, 16:], per_channel_keys(k0[:, 16:], QuantFormat(4, 64), 64))
+
+
+def _per_layer(deltas: list[float]) -> list[VariantResult]:
+    return [VariantResult("int4 kv", sum(deltas), 0.0, 0, 6)] + [
+        VariantResult(f"int4 layer {l}", d, 0.0, 0, 6) for l, d in enumerate(deltas)]
+
+
+def test_recommended_layers_are_the_few_that_dominate_and_none_when_the_error_is_spread():
+    # SmolLM2's measured shape (benchmarks/RESULTS.md): two of 30 layers hold about 70% of the error
+    deltas = [0.0005] * 30
+    deltas[18], deltas[23], deltas[7] = 0.019, 0.0106, -0.001
+    layers, held, measured = recommend_protected_layers(_per_layer(deltas))
+    assert layers == (18, 23) and measured == 30 and 0.66 < held < 0.8
+    # evenly spread error: the top 4 (15% of 30) hold far from two thirds, so nothing is recommended
+    layers, held, _ = recommend_protected_layers(_per_layer([0.002 + 0.0001 * (l % 3) for l in range(30)]))
+    assert layers == () and held < 0.2
+    # no per-layer run, or nothing positive: no recommendation
+    assert recommend_protected_layers([VariantResult("int4 kv", 0.01, 0.0, 0, 6)])[0] == ()
+    assert recommend_protected_layers(_per_layer([-0.001] * 4))[0] == ()

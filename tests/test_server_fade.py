@@ -87,6 +87,14 @@ def fade_protected(tiny_model_dir: Path) -> Iterator[ServerProcess]:
                        STRICT_ENV)
 
 
+@pytest.fixture  # one test uses it
+def fade_aggressive(tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    """The aggressive preset (cold tier: 4-bit keys, 3-bit values) with fade_small's windows, aging in seconds."""
+    args = SMALL_WINDOW_ARGS + ["--fade-preset", "aggressive", "--fade-set", "warm_idle_seconds=1",
+                                "--fade-set", "cold_idle_seconds=2"]
+    yield from _server(tiny_model_dir, args, FADE_TOKENS, STRICT_ENV)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir: Path) -> Any:
     from transformers import AutoTokenizer
@@ -95,16 +103,16 @@ def tokenizer(tiny_model_dir: Path) -> Any:
 
 
 
-def _wait_demoted_prefix(srv: ServerProcess, min_warm: int, timeout_s: float = 10.0) -> None:
+def _wait_demoted_prefix(srv: ServerProcess, min_tokens: int, timeout_s: float = 10.0, tier: str = "warm") -> None:
     """Idle demotion runs in the scheduler loop, which turns only when something arrives: poll
     (each stats request is one loop turn; its reply may predate that turn's demotion)."""
     deadline = time.monotonic() + timeout_s
     while True:
         tree = srv.fade_stats()["radix"]["tree_tokens"]
-        if tree["warm"] >= min_warm or time.monotonic() > deadline:
+        if tree[tier] >= min_tokens or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert tree["warm"] >= min_warm, tree
+    assert tree[tier] >= min_tokens, tree
 
 
 def _tier_names(stats: dict[str, Any]) -> tuple[str, str, str]:
@@ -218,6 +226,27 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
     same = sum(a == b for a, b in zip(*agreement)) / len(cont)
     print(f"\ntriton vs torch: teacher-forced top-1 agreement {same:.3f}")
     assert same >= 0.95
+
+
+def test_aggressive_cold_tier_serves_3_bit_values(baseline: ServerProcess, fade_aggressive: ServerProcess,
+                                                  tokenizer: Any) -> None:
+    """A cached prompt idles into aggressive's cold tier (k4v3: the 3-bit values' two code planes) and the
+    continuation is scored through it. Agreement bar as in test_demoted_greedy_match_rate: broken reads
+    give <= 0.03 on this model, INT4 about 0.5, INT2 about 0.17."""
+    stats = fade_aggressive.fade_stats()
+    assert _tier_names(stats)[2] == "k4v3"
+    agreement = []
+    for seed in (3, 4):
+        ids = _ids(tokenizer, 48, seed)
+        want = baseline.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
+        fade_aggressive.flush_cache()
+        fade_aggressive.generate(input_ids=ids, max_new_tokens=1)
+        time.sleep(2.5)  # > cold_idle_seconds
+        _wait_demoted_prefix(fade_aggressive, 30, tier="cold")
+        preds = _teacher_forced_top1(fade_aggressive, ids + want, len(ids) - 1)
+        agreement.append(sum(p == t for p, t in zip(preds, want)) / len(want))
+    print(f"\nteacher-forced top-1 agreement through a k4v3 prefix {agreement}")
+    assert sum(agreement) / len(agreement) >= 0.2
 
 
 def test_prometheus_gauges_follow_the_tiers(fade_small: ServerProcess, tokenizer: Any) -> None:

@@ -110,7 +110,7 @@ def test_split_key_tiers_cost_their_exact_bytes() -> None:
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"warm_key_bits": 3}, "warm_key_bits"),
+    ({"warm_key_bits": 5}, "warm_key_bits"),
     ({"warm_key_bits": True}, "warm_key_bits"),
     ({"cold_key_bits": 8}, "cold_key_bits"),  # cold keys above warm keys (4)
     ({"warm_key_bits": 2, "cold_key_bits": 4}, "cold_key_bits"),
@@ -126,7 +126,7 @@ def test_key_bits_default_to_the_tier_bits() -> None:
     cfg = cfg.with_overrides({"warm_key_bits": "8"})  # a CLI string
     assert cfg.key_bits == (8, 2) and cfg.warm_key_format == QuantFormat(8, 64, clip_search=False)
     presets = {name: FadeConfig.from_preset(name).tier_display_names()[1:] for name in ("safe", "balanced", "aggressive")}
-    assert presets == {"safe": ("k8v4", "int2"), "balanced": ("k8v4", "int4"), "aggressive": ("int4", "k4v2")}
+    assert presets == {"safe": ("k8v4", "int2"), "balanced": ("k8v4", "int4"), "aggressive": ("int4", "k4v3")}
 
 
 def test_keys_skip_the_clip_search_values_keep_it() -> None:

@@ -31,7 +31,7 @@ from ..quant import QuantFormat, dequantize, quantize
 from . import doc_qa
 from .real_model import ensure_smollm2
 
-__all__ = ["Variant", "Conversation", "run_variants", "main"]
+__all__ = ["Variant", "Conversation", "run_variants", "recommend_protected_layers", "main"]
 
 ANSWER_TOKENS = 40
 
@@ -258,12 +258,50 @@ def standard_variants(layers: int, heads: int, per_layer: bool, per_head: bool) 
           # keys at more bits than values (the warm_key_bits / cold_key_bits knobs)
           Variant("k8v4", (("warm_key_bits", 8),)),
           Variant("k4v2", (("cold_key_bits", 4),), tier="cold"),
-          Variant("k8v2", (("warm_key_bits", 8), ("cold_key_bits", 8)), tier="cold")]
+          Variant("k8v2", (("warm_key_bits", 8), ("cold_key_bits", 8)), tier="cold"),
+          # 3-bit values in groups of 64: the bytes of k4v2 in groups of 32 (64 B per token and head at D = 64)
+          Variant("k4v3", (("cold_bits", 3), ("cold_key_bits", 4), ("cold_group_size", 64)), tier="cold"),
+          Variant("int3 kv", (("cold_bits", 3), ("cold_group_size", 64)), tier="cold")]
     if per_layer:
         vs += [Variant(f"int4 layer {l}", layers=(l,)) for l in range(layers)]
     if per_head:
         vs += [Variant(f"int4 head {h}", heads=(h,)) for h in range(heads)]
     return vs
+
+
+def recommend_protected_layers(results: Sequence[VariantResult], share: float = 2 / 3,
+                               max_share_of_layers: float = 0.15) -> tuple[tuple[int, ...], float, int]:
+    """From the one-layer-at-a-time INT4 results ("int4 layer N"): the fewest layers, most sensitive first,
+    that hold ``share`` of the summed single-layer error, if that many are at most ``max_share_of_layers``
+    of the model's layers (protection pays only where a few layers dominate). Returns (layers, the share
+    they hold, layers measured); layers is empty when no such few layers exist."""
+    per_layer = {int(r.name.rsplit(" ", 1)[1]): r.nll_delta for r in results if r.name.startswith("int4 layer ")}
+    total = sum(max(d, 0.0) for d in per_layer.values())
+    if not per_layer or total <= 0:
+        return (), 0.0, len(per_layer)
+    cap = max(1, int(len(per_layer) * max_share_of_layers))
+    chosen: list[int] = []
+    held = 0.0
+    for layer, delta in sorted(per_layer.items(), key=lambda kv: -kv[1]):
+        if held >= share * total or len(chosen) == cap or delta <= 0:
+            break
+        chosen.append(layer)
+        held += delta
+    if held < share * total:
+        return (), held / total, len(per_layer)
+    return tuple(sorted(chosen)), held / total, len(per_layer)
+
+
+def _say_recommendation(results: Sequence[VariantResult]) -> None:
+    layers, held, measured = recommend_protected_layers(results)
+    if not measured:
+        return
+    if layers:
+        _say(f"protect: --fade-set protected_layers={','.join(map(str, layers))} ({len(layers)} of {measured} "
+             f"layers hold {held:.0%} of the single-layer INT4 error)")
+    else:
+        _say(f"no few layers dominate the INT4 error (the most sensitive ones hold {held:.0%}): "
+             "protected layers would not pay on this model")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--doc-tokens", type=int, default=1400)
     ap.add_argument("--seed", type=int, default=0, help="document generator seed (another seed: other documents)")
     ap.add_argument("--preset", default="safe")
-    ap.add_argument("--per-layer", action="store_true")
+    ap.add_argument("--per-layer", action="store_true",
+                    help="INT4 on one layer at a time; prints the protected_layers worth setting, if any")
     ap.add_argument("--per-head", action="store_true")
     ap.add_argument("--protect", default=None, metavar="L1,L2",
                     help="also run the INT4 / k4v2 / k8v4 histories with these layers protected")
@@ -317,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"unknown variants {sorted(unknown)} (known: {', '.join(v.name for v in variants)})")
         variants = [v for v in variants if v.name in args.only]
     results = run_variants(model, convs, variants, base, base.sink_tokens)
+    _say_recommendation(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([asdict(r) for r in results], indent=1))

@@ -19,6 +19,7 @@ import torch
 
 from ..config import FadeConfig
 from ..quant import QuantFormat
+from ..quant.formats import SUPPORTED_BITS
 from .layout import Tier
 from .packed_store import PackedRecordLayout, PackedTierStore
 from .pages import PageGeometry, choose_page_geometry, grow_page_geometry
@@ -75,7 +76,8 @@ def _protected_layouts(cfg: FadeConfig, heads: int, head_dim: int, room: dict[Ti
                 fmt = getattr(lay, part)
                 if fmt.bits >= 8:
                     continue
-                better = dataclasses.replace(lay, **{part: _raised(fmt, fmt.bits * 2)})
+                step = min(b for b in SUPPORTED_BITS if b >= 2 * fmt.bits or b == 8)  # 2 -> 4 -> 8, 3 -> 8
+                better = dataclasses.replace(lay, **{part: _raised(fmt, step)})
                 if better.payload <= room[t]:
                     lay = better
         out[t] = lay

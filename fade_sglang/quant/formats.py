@@ -7,7 +7,10 @@ Layout, per token and per KV head, along head_dim (D channels):
   * codes are packed "planar": with P = 8 // bits codes per byte, byte j holds
     channel j + p * (D / P) in bits [p * bits, (p + 1) * bits). Unpacking one
     byte-row therefore yields P contiguous channel blocks, which is what the
-    Triton kernels want (no interleave in registers).
+    Triton kernels want (no interleave in registers);
+  * 3-bit codes are two such planes back to back: their low 2 bits packed as
+    2-bit codes (D / 4 bytes), then their high bit packed as 1-bit codes (D / 8
+    bytes), 3 * D / 8 bytes in all, so the kernels reuse the same unpacking.
 
 Everything is vectorized over arbitrary leading dimensions (slots, layers,
 heads): no Python loop over tokens.
@@ -22,7 +25,9 @@ import torch
 
 __all__ = ["QuantFormat", "QuantizedKV", "quantize", "dequantize", "pack_codes", "unpack_codes"]
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
+# 3-bit codes: a 2-bit plane of their low bits, then a 1-bit plane of their high bit.
+_SPLIT_PLANES = {3: (2, 1)}
 _FP16_MAX = 65504.0
 _FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal fp16
 # Candidate shrink factors of the [min, max] range for the clip search; the one
@@ -45,12 +50,13 @@ class QuantFormat:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
 
     @property
-    def codes_per_byte(self) -> int:
-        return 8 // self.bits
+    def channel_multiple(self) -> int:
+        """head_dim must be a multiple of this: the codes of the densest plane in one byte."""
+        return 8 // min(_SPLIT_PLANES.get(self.bits, (self.bits,)))
 
     def check_head_dim(self, head_dim: int) -> None:
-        if head_dim <= 0 or head_dim % self.codes_per_byte:
-            raise ValueError(f"head_dim {head_dim} is not a multiple of {self.codes_per_byte} ({self.bits}-bit packing)")
+        if head_dim <= 0 or head_dim % self.channel_multiple:
+            raise ValueError(f"head_dim {head_dim} is not a multiple of {self.channel_multiple} ({self.bits}-bit packing)")
 
     def group_size_for(self, head_dim: int) -> int:
         """The configured group, halved until it divides head_dim (documented fallback: 80 -> 16, 96 -> 32)."""
@@ -60,7 +66,11 @@ class QuantFormat:
         return g
 
     def packed_dim(self, head_dim: int) -> int:
-        return head_dim // self.codes_per_byte
+        return head_dim * self.bits // 8
+
+    def head_dim_of(self, packed_dim: int) -> int:
+        """Inverse of :meth:`packed_dim`."""
+        return packed_dim * 8 // self.bits
 
     def num_groups(self, head_dim: int) -> int:
         return head_dim // self.group_size_for(head_dim)
@@ -71,13 +81,16 @@ class QuantFormat:
 
 
 class QuantizedKV(NamedTuple):
-    data: torch.Tensor  # uint8 [..., D // codes_per_byte]
+    data: torch.Tensor  # uint8 [..., D * bits // 8]
     scale: torch.Tensor  # fp16 [..., D // group]
     zero: torch.Tensor  # fp16 [..., D // group]
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes ``[..., D]`` (each < 2**bits) into ``[..., D * bits // 8]`` bytes (planar layout)."""
+    if bits in _SPLIT_PLANES:
+        low, high = _SPLIT_PLANES[bits]
+        return torch.cat((pack_codes(codes & ((1 << low) - 1), low), pack_codes(codes >> low, high)), dim=-1)
     per_byte = 8 // bits
     if per_byte == 1:
         return codes.to(torch.uint8)
@@ -89,6 +102,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``[..., Dp]`` bytes -> ``[..., Dp * 8 // bits]`` uint8 codes."""
+    if bits in _SPLIT_PLANES:
+        low, high = _SPLIT_PLANES[bits]
+        cut = packed.shape[-1] * low // bits
+        return unpack_codes(packed[..., :cut], low) | (unpack_codes(packed[..., cut:], high) << low)
     per_byte = 8 // bits
     if per_byte == 1:
         return packed
