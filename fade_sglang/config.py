@@ -293,7 +293,7 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 
 # Presets follow what the real model measured (benchmarks/RESULTS.md, SmolLM2 sensitivity, NLL of reference answers
 # with the history in one format, nats/token, 24 conversations): k8v4 +0.003, INT4 +0.012 (group 64) / +0.014
-# (group 32), k4v3 +0.019 (group 64), k4v2 +0.055 (group 32, the same bytes as k4v3), INT2 +0.6 (6 answers).
+# (group 32), k4v3 +0.022 (group 64), k4v2 +0.055 (group 32, the same bytes as k4v3), INT2 +0.6 (6 answers).
 # Keys carry the error, so every preset spends its bits on keys first.
 PRESETS: dict[str, dict[str, Any]] = {
     # fp16 sinks + recent window, 8-bit keys / 4-bit values for everything else (2.5x vs 16-bit KV); no cold tier.

@@ -115,6 +115,14 @@ def _wait_demoted_prefix(srv: ServerProcess, min_tokens: int, timeout_s: float =
     assert tree[tier] >= min_tokens, tree
 
 
+def _cache_and_age(srv: ServerProcess, ids: list[int], tier: str = "warm") -> None:
+    """Cache ``ids`` (one generated token), idle 2.5 s (past fade_small's warm_idle_seconds, short of its
+    cold_idle_seconds; past fade_aggressive's cold_idle_seconds) and wait until 30 tokens sit in ``tier``."""
+    srv.generate(input_ids=ids, max_new_tokens=1)
+    time.sleep(2.5)
+    _wait_demoted_prefix(srv, 30, tier=tier)
+
+
 def _tier_names(stats: dict[str, Any]) -> tuple[str, str, str]:
     """The tiers' display names of the server's config (int4, k8v4, ...)."""
     return FadeConfig.from_dict(stats["config"]).tier_display_names()
@@ -194,9 +202,7 @@ def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerPr
 
         # Cache the prompt, let it idle into the packed tiers, then score the continuation through it.
         fade_small.flush_cache()
-        fade_small.generate(input_ids=ids, max_new_tokens=1)
-        time.sleep(2.5)  # > warm_idle_seconds, < cold_idle_seconds
-        _wait_demoted_prefix(fade_small, 30)
+        _cache_and_age(fade_small, ids)
         full = ids + want
         preds = _teacher_forced_top1(fade_small, full, len(ids) - 1)
         agreement.append(sum(p == t for p, t in zip(preds, full[len(ids):])) / len(want))
@@ -219,9 +225,7 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
     agreement = []
     for srv in (fade_small, fade_triton):
         srv.flush_cache()
-        srv.generate(input_ids=ids, max_new_tokens=1)
-        time.sleep(2.5)
-        _wait_demoted_prefix(srv, 30)
+        _cache_and_age(srv, ids)
         agreement.append(_teacher_forced_top1(srv, ids + cont, len(ids) - 1))
     same = sum(a == b for a, b in zip(*agreement)) / len(cont)
     print(f"\ntriton vs torch: teacher-forced top-1 agreement {same:.3f}")
@@ -240,9 +244,7 @@ def test_aggressive_cold_tier_serves_3_bit_values(baseline: ServerProcess, fade_
         ids = _ids(tokenizer, 48, seed)
         want = baseline.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
         fade_aggressive.flush_cache()
-        fade_aggressive.generate(input_ids=ids, max_new_tokens=1)
-        time.sleep(2.5)  # > cold_idle_seconds
-        _wait_demoted_prefix(fade_aggressive, 30, tier="cold")
+        _cache_and_age(fade_aggressive, ids, tier="cold")
         preds = _teacher_forced_top1(fade_aggressive, ids + want, len(ids) - 1)
         agreement.append(sum(p == t for p, t in zip(preds, want)) / len(want))
     print(f"\nteacher-forced top-1 agreement through a k4v3 prefix {agreement}")
@@ -274,9 +276,7 @@ def test_protected_layer_server_keeps_the_bytes_and_serves_demoted_history(
     assert prot["capacity_tokens"] > 2.5 * prot["fp16_capacity_tokens"]
     initial = prot
     ids = _ids(tokenizer, 48, 21)
-    fade_protected.generate(input_ids=ids, max_new_tokens=1)
-    time.sleep(2.5)
-    _wait_demoted_prefix(fade_protected, 30)
+    _cache_and_age(fade_protected, ids)
     full = ids + fade_small.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
     preds = _teacher_forced_top1(fade_protected, full, len(ids) - 1)
     assert len(preds) == 24
