@@ -576,6 +576,32 @@ def correctness(dname: str, cfg: argparse.Namespace, report: Report, budget: Bud
 
     case("quantize", "rows-fused-rotate-center", run_fused)
 
+    def run_query_aware() -> dict[str, Any]:
+        """Query-aware key rounding as the pool runs it on CUDA (torch feedback rounding on the device, from the
+        factor of queries it saw): the logit error under held-out queries, against nearest rounding and CPU."""
+        from fade_sglang.quant import rounding_factor
+
+        fmt = QuantFormat(4, 64)
+        keys = xq[0].float()
+        keys = keys - keys.mean(0)  # the pool's centered space
+        seen, held = (correlated_queries(keys.cpu(), 1, 2048, seed=s).double() for s in (1, 2))
+        factor = rounding_factor(torch.einsum("nhd,nhe->hde", seen, seen) / seen.shape[0])
+
+        def logit_err(q: Any) -> float:
+            e = (dequantize(q, fmt) - keys).double().cpu()
+            return float(torch.einsum("nhd,mhd->nmh", e, held).square().mean())
+
+        nearest, dev = quantize(keys, fmt), quantize(keys, fmt, factor.to(device))
+        cpu = quantize(keys.cpu(), fmt, factor)
+        r_dev, r_cpu = logit_err(dev) / logit_err(nearest), logit_err(cpu) / logit_err(nearest)
+        same = float((unpack_codes(dev.data, 4).cpu() == unpack_codes(cpu.data, 4)).float().mean())
+        return {"passed": r_dev < 1.0 and abs(r_dev - r_cpu) < 0.05 * r_cpu, "logit_err_vs_nearest": r_dev,
+                "cpu_logit_err_vs_nearest": r_cpu, "codes_same_as_cpu": same,
+                "tol": "held-out logit error below nearest rounding's, within 5% of the CPU result (error feedback "
+                       "carries float differences, so codes may differ where the CPU's do not)"}
+
+    case("quantize", "query-aware-keys", run_query_aware)
+
     # The timing baselines compute the same attention: SGLang's kernel (pool + indices) and SDPA (dense KV).
     def run_baselines() -> dict[str, Any]:
         b, ctx = cfg.agree_shape

@@ -66,6 +66,10 @@ class FadeConfig:
     # ones the attention logits weight most: on SmolLM2, INT4 keys in groups of 64 lose 40% less NLL
     # unclipped, as little as group 32 (24 conversations; benchmarks/RESULTS.md, "Keys without the clip search").
     key_clip_search: bool = False
+    # Keys rounded to minimize the attention-logit error under the queries the layer has seen (their second
+    # moment, observed in prefill until the layer's first demotion): same grid and bytes, most of the INT4
+    # key error gone on SmolLM2 (benchmarks/RESULTS.md, "Query-aware key rounding").
+    query_aware_keys: bool = True
     # Most of the KV byte arena each packed tier may own (fraction of its pages); 0 disables the tier.
     # Not a partition: every tier draws pages from one arena as content ages and memory runs short.
     tier_max_share: dict[str, float] = field(default_factory=lambda: {"warm": 1.0, "cold": 1.0})
@@ -122,8 +126,8 @@ class FadeConfig:
             v = getattr(self, knob)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, knob, f"must be a positive integer, got {v!r}")
             need(v & (v - 1) == 0, knob, f"must be a power of two, got {v}")
-        for knob in ("rotation", "center_keys", "clip_search", "key_clip_search", "demote_running", "eviction",
-                     "evict_instead_of_demote"):
+        for knob in ("rotation", "center_keys", "clip_search", "key_clip_search", "query_aware_keys", "demote_running",
+                     "eviction", "evict_instead_of_demote"):
             need(isinstance(getattr(self, knob), bool), knob, f"must be true or false, got {getattr(self, knob)!r}")
         for knob in ("warm_idle_seconds", "cold_idle_seconds", "stats_interval_seconds"):
             v = getattr(self, knob)

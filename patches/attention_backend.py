@@ -321,6 +321,7 @@ class FadeAttnBackend(AttentionBackend):
         self._save(layer, forward_batch, k, v, save_kv_cache)
         md = self.forward_metadata
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        self.pool.observe_queries(layer.layer_id, q3)  # query-aware key rounding: prefill queries only
         out = self._extend(q3, k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim),
                            v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim),
                            self.pool.layer_view(layer.layer_id), md, layer.scaling)

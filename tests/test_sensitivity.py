@@ -154,3 +154,28 @@ def test_recommended_layers_are_the_few_that_dominate_and_none_when_the_error_is
     # no per-layer run, or nothing positive: no recommendation
     assert recommend_protected_layers([VariantResult("int4 kv", 0.01, 0.0, 0, 6)])[0] == ()
     assert recommend_protected_layers(_per_layer([-0.001] * 4))[0] == ()
+
+
+def test_captured_queries_reproduce_the_models_attention() -> None:
+    """The harness hands the store the queries the model attends with: softmax(q k^T / sqrt(D)) from the
+    captured (rotary-embedded) queries and the cached keys equals the model's own attention weights."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from fade_sglang.eval.sensitivity import _prefill
+
+    path = Path(__file__).resolve().parents[1] / "models" / "fade-tiny-llama"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = list(range(5, 45))
+    prefill = _prefill(model, ids)
+    with torch.no_grad():
+        attentions = model(torch.tensor([ids]), output_attentions=True).attentions
+    cfg = model.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for layer, (q, (k, _)) in enumerate(zip(prefill.queries, prefill.kv)):
+        assert q.shape == (len(ids), cfg.num_attention_heads, cfg.head_dim)
+        keys = k.repeat_interleave(group, dim=0)  # [Hq, T, D]
+        logits = torch.einsum("thd,hsd->hts", q, keys) / cfg.head_dim**0.5
+        logits = logits.masked_fill(torch.ones(len(ids), len(ids), dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(logits.softmax(-1), attentions[layer][0], atol=1e-5, rtol=1e-4)

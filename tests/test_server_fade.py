@@ -226,6 +226,8 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
     for srv in (fade_small, fade_triton):
         srv.flush_cache()
         _cache_and_age(srv, ids)
+        # Both backends hand the pool their prefill queries: every layer's keys round for them.
+        assert srv.fade_stats()["query_aware_key_layers"] == 2
         agreement.append(_teacher_forced_top1(srv, ids + cont, len(ids) - 1))
     same = sum(a == b for a, b in zip(*agreement)) / len(cont)
     print(f"\ntriton vs torch: teacher-forced top-1 agreement {same:.3f}")

@@ -5,7 +5,9 @@ A diagnostic, not a quality claim: it runs the model in HF transformers (float32
 conversations of :mod:`.doc_qa`, prefills turn 1 (report + question + the full-precision answer), and
 replaces the cached K/V of the history (all but the attention sinks) by what fade's own store gives back
 after demotion: the real :class:`~fade_sglang.pool.tiered_store.TieredKVStore` (same quantizer,
-rotation, key centering, clip search, bytes), applied to a chosen subset of layers, heads, K or V. It then
+rotation, key centering, clip search, bytes; it sees the history's prefill queries first, as the
+server's attention backend shows them to it, for query-aware key rounding), applied to a chosen subset
+of layers, heads, K or V. It then
 teacher-forces the next question and its full-precision answer and reports the NLL delta (nats/token)
 and how often the argmax token flips. Quality claims come from :mod:`.doc_qa` (real SGLang servers
 reading the compressed pool).
@@ -19,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -99,22 +101,59 @@ def build_conversations(model: Any, tok: Any, model_path: Path, docs: Sequence[d
     return convs
 
 
-def _prefill(model: Any, ids: list[int], scores: bool = False
-             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-    """K/V per layer ``[H, T, D]`` and, with ``scores`` (needs eager attention), the heavy-hitter score of
-    every position."""
-    with torch.no_grad():
-        out = model(torch.tensor([ids]), use_cache=True, output_attentions=scores)
+@dataclass
+class Prefill:
+    """The history's K/V per layer ``[H, T, D]``, its queries per layer ``[T, Hq, D]`` (model space, what the
+    server's attention backend hands to ``observe_queries``) and, when asked for, heavy-hitter scores."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    queries: list[torch.Tensor]
+    scores: torch.Tensor | None = None
+
+
+def _capture_queries(model: Any, out: dict[int, torch.Tensor]) -> list[Any]:
+    """Forward hooks that store every layer's rotary-embedded queries in ``out`` (Llama-family attention:
+    ``q_proj`` and the ``position_embeddings`` keyword)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def hook(layer: int) -> Callable[..., None]:
+        def store(module: Any, args: tuple, kwargs: dict, _: Any) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
+            q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+            out[layer] = q[0].transpose(0, 1).detach().clone()
+        return store
+
+    return [layer.self_attn.register_forward_hook(hook(i), with_kwargs=True)
+            for i, layer in enumerate(model.model.layers)]
+
+
+def _prefill(model: Any, ids: list[int], scores: bool = False) -> Prefill:
+    """The history's K/V and queries per layer and, with ``scores`` (needs eager attention), the heavy-hitter
+    score of every position."""
+    queries: dict[int, torch.Tensor] = {}
+    hooks = _capture_queries(model, queries)
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), use_cache=True, output_attentions=scores)
+    finally:
+        for h in hooks:
+            h.remove()
     kv = [(layer.keys[0].clone(), layer.values[0].clone()) for layer in out.past_key_values.layers]
+    qs = [queries[l] for l in range(len(kv))]
     if not scores:
-        return kv, None
+        return Prefill(kv, qs)
     received = sum(a[0].sum(dim=(0, 1)) for a in out.attentions)  # [T]: over heads and queries, every layer
-    return kv, received / torch.arange(len(ids), 0, -1, dtype=received.dtype)
+    return Prefill(kv, qs, received / torch.arange(len(ids), 0, -1, dtype=received.dtype))
 
 
 def compress_history(kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: FadeConfig, variant: Variant,
-                     keep_first: int, scores: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     keep_first: int, scores: torch.Tensor | None = None,
+                     queries: Sequence[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """K/V per layer after positions ``keep_first..`` went through fade's store (demoted to the variant's tier).
+    ``queries`` (per layer ``[T, Hq, D]``, the history's own): observed by the store before the demotion, as
+    the server's prefill does (query-aware key rounding); None: the store sees none (nearest rounding).
 
     Only the variant's layers are quantized (centers and scales are per layer, so a store over just those
     layers gives the same values as one over all of them; ``protected_layers`` count in that store's
@@ -128,6 +167,8 @@ def compress_history(kv: list[tuple[torch.Tensor, torch.Tensor]], cfg: FadeConfi
     for i, l in enumerate(selected):
         k, v = kv[l]
         store.write_kv(i, slots, k[:, keep_first:].transpose(0, 1), v[:, keep_first:].transpose(0, 1))
+        if queries is not None:
+            store.observe_queries(i, queries[l])
     packed = store.demote(slots, Tier.WARM if variant.tier == "warm" else Tier.COLD)
     out = list(kv)
     for i, l in enumerate(selected):
@@ -183,15 +224,14 @@ def _answer_logprobs(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], tu
 def run_variants(model: Any, convs: Sequence[Conversation], variants: Iterable[Variant], base: FadeConfig,
                  keep_first: int) -> list[VariantResult]:
     variants = list(variants)
-    scored = [_prefill(model, c.history, any(v.keep_top for v in variants)) for c in convs]
-    prefills = [kv for kv, _ in scored]
-    refs = [[_answer_logprobs(model, kv, t, a) for t, a in c.follow_ups] for c, kv in zip(convs, prefills)]
+    prefills = [_prefill(model, c.history, any(v.keep_top for v in variants)) for c in convs]
+    refs = [[_answer_logprobs(model, p.kv, t, a) for t, a in c.follow_ups] for c, p in zip(convs, prefills)]
     results = []
     for variant in variants:
         cfg = variant.config(base)
         nll_sum = flips = count = answers_flipped = answers = 0
-        for c, (kv, scores), ref in zip(convs, scored, refs):
-            squeezed = compress_history(kv, cfg, variant, keep_first, scores)
+        for c, p, ref in zip(convs, prefills, refs):
+            squeezed = compress_history(p.kv, cfg, variant, keep_first, p.scores, p.queries)
             for (turn, answer), lp_ref in zip(c.follow_ups, ref):
                 lp = _answer_logprobs(model, squeezed, turn, answer)
                 target = torch.tensor(answer)[:, None]
@@ -246,6 +286,15 @@ def per_channel_variants() -> list[Variant]:
     keys, keys only and with the store's values."""
     return [Variant(f"int4 per-channel b{b}{' (k only)' if part == 'k' else ''}", parts=part, key_channel_block=b)
             for b in (64, 128) for part in ("k", "kv")]
+
+
+def nearest_rounding_variants() -> list[Variant]:
+    """The main formats with keys rounded to nearest (``query_aware_keys`` off), to set beside the default
+    (query-aware rounding from the history's own prefill queries)."""
+    formats = [v for v in standard_variants(0, 0, False, False)
+               if v.name in ("int4 kv", "int4 k", "int4 g32 kv", "k8v4", "k4v3", "k4v2", "int3 kv", "int2 kv")]
+    return [Variant(f"{v.name} nearest", (*v.overrides, ("query_aware_keys", False)), v.tier, parts=v.parts)
+            for v in formats]
 
 
 def standard_variants(layers: int, heads: int, per_layer: bool, per_head: bool) -> list[Variant]:
@@ -322,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also run the 4-bit-key formats with keys clipped (the clip search) and unclipped")
     ap.add_argument("--per-channel", action="store_true",
                     help="also run INT4 keys quantized per channel over token blocks (KIVI-style, harness only)")
+    ap.add_argument("--nearest", action="store_true",
+                    help="also run the main formats with keys rounded to nearest (query_aware_keys off)")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
                     help="run only the variants with these names (e.g. 'int4 kv' k8v4)")
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
@@ -349,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants += key_clip_variants()
     if args.per_channel:
         variants += per_channel_variants()
+    if args.nearest:
+        variants += nearest_rounding_variants()
     variants = list({v.name: v for v in variants}.values())  # a name in two lists is one variant (same config)
     if args.only:
         unknown = set(args.only) - {v.name for v in variants}

@@ -104,10 +104,12 @@ class PackedTierStore:
         self.rows = rows
         self.key, self.value = layout.views(arena, rows, record_bytes)
 
-    def write(self, rows: torch.Tensor, values: torch.Tensor, layer: int | None = None) -> None:
-        """Quantize ``values`` ([layers, 2, n, H, D], or [2, n, H, D] with ``layer``) into ``rows``."""
+    def write(self, rows: torch.Tensor, values: torch.Tensor, layer: int | None = None,
+              key_feedback: torch.Tensor | None = None) -> None:
+        """Quantize ``values`` ([layers, 2, n, H, D], or [2, n, H, D] with ``layer``) into ``rows``; keys with
+        the rounding factors ``key_feedback`` ([layers, 1, H, D, D], or [1, H, D, D]) when given."""
         key, value = (self.key, self.value) if layer is None else (self.key.layer(layer), self.value.layer(layer))
-        key.write(rows, values[..., 0, :, :, :])
+        key.write(rows, values[..., 0, :, :, :], key_feedback)
         value.write(rows, values[..., 1, :, :, :])
 
     def read(self, rows: torch.Tensor, layer: int | None = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..config import FadeConfig
-from ..quant import rotation_matrix
+from ..quant import rotation_matrix, rounding_factor
 from .allocator import PoolExhaustedError, SlotError
 from .layout import Tier, TierLayout
 from .layer_groups import GroupPlan, LayerGroup, group_tier_bytes, plan_layer_groups, record_layouts
@@ -97,6 +97,7 @@ class TieredKVStore:
         self.rotation = rotation_matrix(head_dim, cfg.rotation_seed, torch.float32, device) if cfg.rotation else None
         self.k_center = torch.zeros(layer_num, head_num, head_dim, dtype=torch.float32, device=device)
         self._center_frozen = [not cfg.center_keys] * layer_num
+        self._init_query_aware(cfg.query_aware_keys and cfg.compresses, layer_num, head_num, head_dim, device)
         self._dtype, self._device = dtype, torch.device(device)
         max_pages = tuple(int(self.pages * share) for share in cfg.max_shares)
         self.page_table = PageTable(self.pages, device, reserve_pages=reserve, max_pages=max_pages)
@@ -243,6 +244,56 @@ class TieredKVStore:
                 self.k_center[l] = x[i, 0].mean(0)
                 self._center_frozen[l] = True
 
+    # ------------------------------------------------------------------ query-aware key rounding
+    def _init_query_aware(self, enabled: bool, layers: int, heads: int, head_dim: int,
+                          device: str | torch.device) -> None:
+        """``key_feedback [layers, H, D, D]``: each layer's rounding factor (identity = nearest rounding until
+        queries were seen), fixed at the layer's first demotion from the query moment gathered until then."""
+        self.key_feedback: torch.Tensor | None = None
+        self._rounding_frozen = [True] * layers
+        if not enabled:
+            return
+        eye = torch.eye(head_dim, dtype=torch.float32, device=device)
+        self.key_feedback = eye.expand(layers, heads, head_dim, head_dim).clone()
+        self._query_moment = torch.zeros(layers, heads, head_dim, head_dim, dtype=torch.float32, device=device)
+        self._query_count = [0] * layers
+        self._rounding_frozen = [False] * layers
+
+    def observe_queries(self, layer_id: int, q: torch.Tensor) -> None:
+        """Add the queries ``q [n, Hq, D]`` (model space) of one layer to its moment, until its first demotion
+        fixes its rounding factor (a no-op after that, and when query-aware rounding is off)."""
+        l = layer_id - self.start_layer
+        if self._rounding_frozen[l] or q.shape[0] == 0:
+            return
+        n, q_heads, d = q.shape
+        x = q.float() @ self.rotation if self.rotation is not None else q.float()
+        # GQA: the query heads of one KV head read the same keys, so their moments pool.
+        x = x.reshape(n, self.head_num, q_heads // self.head_num, d).transpose(0, 1).reshape(self.head_num, -1, d)
+        self._query_moment[l] += x.transpose(1, 2) @ x
+        self._query_count[l] += x.shape[1]
+
+    def _freeze_rounding(self, layer_ids: Sequence[int]) -> None:
+        for l in layer_ids:
+            if self._rounding_frozen[l]:
+                continue
+            if self._query_count[l]:
+                try:
+                    self.key_feedback[l] = rounding_factor(self._query_moment[l] / self._query_count[l])
+                except torch.linalg.LinAlgError:  # non-finite queries: this layer keeps nearest rounding
+                    logger.warning("[fade] layer %d: query moment not usable, its keys round to nearest", l)
+                    self._query_count[l] = 0
+            self._rounding_frozen[l] = True
+
+    def _key_feedback(self, layer_ids: Sequence[int]) -> torch.Tensor | None:
+        """The rounding factors of ``layer_ids`` as ``[layers, 1, H, D, D]`` (fixing unfixed ones first); None
+        where none of them saw a query (nearest rounding, the Triton quantize kernel may take it)."""
+        if self.key_feedback is None:
+            return None
+        self._freeze_rounding(layer_ids)
+        if not any(self._query_count[l] for l in layer_ids):
+            return None
+        return self.key_feedback[list(layer_ids)][:, None]
+
     # ------------------------------------------------------------------ writes
     def write_kv(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
         """Write K/V of one layer (counted from 0); slots in packed tiers are quantized on write."""
@@ -280,10 +331,12 @@ class TieredKVStore:
         tiers = self.tier_of(loc)
         x = self._to_packed_space(torch.stack((k, v)), layer_idx)
         group, i = self._where[layer_idx]
+        feedback = self._key_feedback([layer_idx])
         for t in (Tier.WARM, Tier.COLD):
             sel = tiers == t
             if bool(sel.any()):
-                group.stores[t].write(self.layout.local_index(loc[sel], t), x[:, sel], layer=i)
+                group.stores[t].write(self.layout.local_index(loc[sel], t), x[:, sel], layer=i,
+                                      key_feedback=None if feedback is None else feedback[0])
 
     # ------------------------------------------------------------------ demotion
     def demote(self, slots: torch.Tensor, to_tier: Tier | int) -> torch.Tensor:
@@ -338,19 +391,22 @@ class TieredKVStore:
         per_token = len(group.layers) * 2 * self.head_num * self.head_dim
         step = max(1, _DEMOTE_CHUNK_ELEMS // per_token)
         store = group.stores[dst_tier]
+        feedback = self._key_feedback(group.layers)
+        # Query-aware keys round in torch (the Triton quantize kernel rounds to nearest).
+        kernel = self.quantize_rows_fn is not None and feedback is None
         for i in range(0, src.numel(), step):  # bounded temporaries; chunks of many tokens, not a token loop
             s, d = src[i:i + step], self.layout.local_index(dst[i:i + step], dst_tier)
-            if src_tier == Tier.FP16 and self.quantize_rows_fn is not None and all(self._center_frozen):
+            if src_tier == Tier.FP16 and kernel and all(self._center_frozen):
                 self._quantize_kernel(group, group.kv_fp16, d, store, src_rows=s, fused=True)
                 continue
             if src_tier == Tier.FP16:
                 x = self._to_packed_space(group.kv_fp16[:, :, s], group.layers)  # freezes centers on first use
             else:
                 x = group.stores[src_tier].read(self.layout.local_index(s, src_tier))
-            if self.quantize_rows_fn is not None:
+            if kernel:
                 self._quantize_kernel(group, x, d, store)
             else:
-                store.write(d, x)
+                store.write(d, x, key_feedback=feedback)
 
     def _quantize_kernel(self, group: LayerGroup, src: torch.Tensor, rows: torch.Tensor, store: PackedTierStore,
                          src_rows: torch.Tensor | None = None, fused: bool = False) -> None:
@@ -461,7 +517,14 @@ class TieredKVStore:
             "fp16_capacity_tokens": self.layout.fp16_slots,
             "capacity_vs_fp16": self.max_tokens() / self.layout.fp16_slots,
             "demoted_tokens": {f"{names[a]}->{names[b]}": n for (a, b), n in self.demoted_tokens.items()},
+            "query_aware_key_layers": self.query_aware_layers(),
         }
+
+    def query_aware_layers(self) -> int:
+        """Layers whose keys round for the queries they saw (their factor fixed at their first demotion)."""
+        if self.key_feedback is None:
+            return 0
+        return sum(1 for l, frozen in enumerate(self._rounding_frozen) if frozen and self._query_count[l])
 
 
 def _tier(tier: Tier | int) -> Tier:

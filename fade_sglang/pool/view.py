@@ -57,9 +57,10 @@ class PackedPart:
         q = QuantizedKV(self.codes(rows), self.scale[..., rows, :, :], self.zero[..., rows, :, :])
         return dequantize(q, self.fmt, torch.float32)
 
-    def write(self, rows: torch.Tensor, x: torch.Tensor) -> None:
-        """Quantize ``x [..., n, H, D]`` (packed space) into ``rows``."""
-        q = quantize(x, self.fmt)
+    def write(self, rows: torch.Tensor, x: torch.Tensor, feedback: torch.Tensor | None = None) -> None:
+        """Quantize ``x [..., n, H, D]`` (packed space) into ``rows``; ``feedback`` ``[..., 1, H, D, D]``: the
+        rounding factor per head (:func:`fade_sglang.quant.quantize`)."""
+        q = quantize(x, self.fmt, feedback)
         s = self.split
         self.data[..., rows, :, :] = q.data[..., :s]
         if self.data_b is not None:

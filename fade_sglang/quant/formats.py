@@ -132,8 +132,31 @@ def _group_error(groups, codes, scale, zero) -> torch.Tensor:
     return (recon - groups).square().sum(-1)
 
 
-def quantize(x: torch.Tensor, fmt: QuantFormat) -> QuantizedKV:
-    """Quantize ``x [..., D]`` (any float dtype) to ``fmt``; math in float32."""
+def _feedback_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int, g: int,
+                    feedback: torch.Tensor) -> torch.Tensor:
+    """Codes on the given grid, rounded channel by channel with each channel's rounding error pushed onto the
+    channels after it (GPTQ's update, here along head_dim): ``feedback`` is the upper Cholesky factor U of
+    H^-1, so the codes minimize the error e^T H e greedily instead of |e|^2 per channel. For keys with H the
+    second moment of the queries that read them, e^T H e is the mean squared attention-logit error."""
+    d = x.shape[-1]
+    w = x.clone()
+    codes = torch.empty_like(w)
+    pivot = feedback.diagonal(dim1=-2, dim2=-1)
+    for j in range(d):
+        s, z = scale[..., j // g].float(), zero[..., j // g].float()
+        c = torch.round((w[..., j] - z) / s).clamp_(0, levels)
+        codes[..., j] = c
+        err = (w[..., j] - (z + c * s)) / pivot[..., j]
+        w[..., j + 1:] -= err[..., None] * feedback[..., j, j + 1:]
+    return codes
+
+
+def quantize(x: torch.Tensor, fmt: QuantFormat, feedback: torch.Tensor | None = None) -> QuantizedKV:
+    """Quantize ``x [..., D]`` (any float dtype) to ``fmt``; math in float32.
+
+    ``feedback`` (optional, broadcasts to ``[..., D, D]``): the upper Cholesky factor of H^-1 for a weighted
+    error e^T H e; the grid (scale, zero) is chosen as without it, the codes then minimize that error
+    (:func:`_feedback_codes`)."""
     d = x.shape[-1]
     fmt.check_head_dim(d)
     g = fmt.group_size_for(d)
@@ -154,6 +177,8 @@ def quantize(x: torch.Tensor, fmt: QuantFormat) -> QuantizedKV:
             scale = torch.where(better, c_scale, scale)
             zero = torch.where(better, c_zero, zero)
             codes = torch.where(better[..., None], c_codes, codes)
+    if feedback is not None:
+        codes = _feedback_codes(x.float(), scale, zero, levels, g, feedback.float()).reshape_as(groups)
     packed = pack_codes(codes.reshape(*x.shape[:-1], d).to(torch.uint8), fmt.bits)
     return QuantizedKV(packed, scale, zero)
 
