@@ -283,6 +283,8 @@ class TieredKVStore:
                     logger.warning("[fade] layer %d: query moment not usable, its keys round to nearest", l)
                     self._query_count[l] = 0
             self._rounding_frozen[l] = True
+        if all(self._rounding_frozen):
+            self._query_moment = None  # every factor is fixed: the moments are not read again
 
     def _key_feedback(self, layer_ids: Sequence[int]) -> torch.Tensor | None:
         """The rounding factors of ``layer_ids`` as ``[layers, 1, H, D, D]`` (fixing unfixed ones first); None
