@@ -67,8 +67,9 @@ class FadeConfig:
     # unclipped, as little as group 32 (24 conversations; benchmarks/RESULTS.md, "Keys without the clip search").
     key_clip_search: bool = False
     # Keys rounded to minimize the attention-logit error under the queries the layer has seen (their second
-    # moment, observed in prefill until the layer's first demotion): same grid and bytes, most of the INT4
-    # key error gone on SmolLM2 (benchmarks/RESULTS.md, "Query-aware key rounding").
+    # moment, observed in prefill until the layer's first demotion): same grid and bytes. On SmolLM2 INT4 in
+    # groups of 32 +0.018 -> +0.006 nats/token, INT3 +0.045 -> +0.029, INT4 group 64 and k4v3 unchanged
+    # (24 answers; benchmarks/RESULTS.md, "Query-aware key rounding").
     query_aware_keys: bool = True
     # Most of the KV byte arena each packed tier may own (fraction of its pages); 0 disables the tier.
     # Not a partition: every tier draws pages from one arena as content ages and memory runs short.
