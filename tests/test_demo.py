@@ -113,3 +113,15 @@ def _server_launchers(demo_pid: int) -> list[int]:
     rows = [tuple(int(x) for x in line.split()) for line in out.splitlines() if line.strip()]
     groups = {pid for pid, ppid, _ in rows if ppid == demo_pid}
     return [pid for pid, _, pgid in rows if pgid in groups]
+
+
+def test_sigterm_unwinds_like_ctrl_c_once_and_handlers_come_back() -> None:
+    """doc_qa and the demo run servers inside unwind_on_signals: a SIGTERM must reach their ``finally``."""
+    from fade_sglang.eval.launcher import unwind_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with unwind_on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert signal.getsignal(signal.SIGTERM) is before

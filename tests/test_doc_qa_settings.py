@@ -29,3 +29,42 @@ def test_bad_knob_is_one_line_before_anything_runs(knob: str, needle: str, capsy
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1] and "Traceback" not in "\n".join(err)
+
+
+class _FakeServer:
+    """Answers /generate like SGLang with return_logprob and top_logprobs_num=2 (no text)."""
+
+    def __init__(self, token_logprobs: list[float], tops: list[tuple[float, float]], answer: list[int]) -> None:
+        # the token at logprob_start_len (here the prompt's last one) has no log-probability
+        self.meta = {"input_token_logprobs": [(None, 3, None)] + [(lp, t, None) for lp, t in zip(token_logprobs, answer)],
+                     "input_top_logprobs": [None] + [[(a, 7, None), (b, 8, None)] for a, b in tops]}
+
+    def request(self, route: str, payload: dict) -> dict:
+        assert route == "/generate" and payload["top_logprobs_num"] == 2
+        self.payload = payload
+        return {"meta_info": self.meta, "output_ids": [0]}
+
+
+def test_score_reports_nll_margins_and_where_the_server_preferred_another_token() -> None:
+    answer = [11, 12, 13]
+    # token 0 is the server's own top-1; at token 1 it preferred another token by 0.3 nats (a near-tie)
+    srv = _FakeServer([-0.1, -0.9, -0.05], [(-0.1, -2.5), (-0.6, -0.9), (-0.05, -4.0)], answer)
+    scored = doc_qa._score(srv, [1, 2, 3], answer)  # type: ignore[arg-type]
+    assert srv.payload["logprob_start_len"] == 2  # the prompt's last token: the answer's first gets a log-probability
+    assert scored.count == 3 and scored.nll_sum == pytest.approx(1.05)
+    assert scored.margins == pytest.approx([2.4, 0.3, 3.95])
+    assert scored.preference == pytest.approx([0.0, 0.3, 0.0])
+
+    reference = doc_qa.DocQAResult("fp16", margins=[[[], [2.0, 0.02, 1.0]]])
+    div = doc_qa._divergence(reference, doc=0, turn=1, at=1, scored=scored)
+    assert div == {"doc": 0, "turn": 2, "token": 1, "reference_margin": 0.02, "preference": 0.3}
+    # an answer that stopped earlier parts at its end: no margin there
+    assert doc_qa._divergence(reference, 0, 1, 3, scored)["reference_margin"] is None
+    assert doc_qa._margins_at_divergence(doc_qa.DocQAResult("x", divergences=[div, {**div, "reference_margin": 0.01}])
+                                         ) == "0.01 0.02"
+
+
+def test_score_refuses_a_short_logprob_list() -> None:
+    srv = _FakeServer([-0.1, -0.2], [(-0.1, -2.0), (-0.2, -1.0)], [11, 12])
+    with pytest.raises(doc_qa.QualityError, match="2 log-probabilities for a 3-token answer"):
+        doc_qa._score(srv, [1], [11, 12, 13])  # type: ignore[arg-type]

@@ -103,24 +103,35 @@ def tokenizer(tiny_model_dir: Path) -> Any:
 
 
 
-def _wait_demoted_prefix(srv: ServerProcess, min_tokens: int, timeout_s: float = 10.0, tier: str = "warm") -> None:
+def _wait_demoted_prefix(srv: ServerProcess, min_tokens: int, timeout_s: float = 10.0,
+                         tier: str = "warm") -> dict[str, int]:
     """Idle demotion runs in the scheduler loop, which turns only when something arrives: poll
-    (each stats request is one loop turn; its reply may predate that turn's demotion)."""
+    (each stats request is one loop turn; its reply may predate that turn's demotion). Returns the
+    tree's tokens per tier at the last poll."""
     deadline = time.monotonic() + timeout_s
     while True:
         tree = srv.fade_stats()["radix"]["tree_tokens"]
         if tree[tier] >= min_tokens or time.monotonic() > deadline:
-            break
+            return tree
         time.sleep(0.2)
-    assert tree[tier] >= min_tokens, tree
 
 
-def _cache_and_age(srv: ServerProcess, ids: list[int], tier: str = "warm") -> None:
-    """Cache ``ids`` (one generated token), idle 2.5 s (past fade_small's warm_idle_seconds, short of its
-    cold_idle_seconds; past fade_aggressive's cold_idle_seconds) and wait until 30 tokens sit in ``tier``."""
-    srv.generate(input_ids=ids, max_new_tokens=1)
-    time.sleep(2.5)
-    _wait_demoted_prefix(srv, 30, tier=tier)
+def _cache_and_age(srv: ServerProcess, ids: list[int], tier: str = "warm", attempts: int = 3) -> None:
+    """Flush, cache ``ids`` (one generated token), idle 2.5 s (past fade_small's warm_idle_seconds, short of its
+    cold_idle_seconds; past fade_aggressive's cold_idle_seconds) and wait until 30 tokens sit in ``tier``.
+
+    A loaded machine can answer the polls after the next idle deadline too, when the prompt has already
+    moved past ``tier``: then start over (a broken demotion never reaches ``tier`` and still fails)."""
+    for _ in range(attempts):
+        srv.flush_cache()
+        srv.generate(input_ids=ids, max_new_tokens=1)
+        time.sleep(2.5)
+        tree = _wait_demoted_prefix(srv, 30, tier=tier)
+        if tree[tier] >= 30:
+            return
+        if tier == "cold" or tree["cold"] < 30:
+            break  # not overshot: demotion did not happen
+    raise AssertionError(f"the prompt never sat in the {tier} tier: {tree}")
 
 
 def _tier_names(stats: dict[str, Any]) -> tuple[str, str, str]:
@@ -201,7 +212,6 @@ def test_demoted_greedy_match_rate(baseline: ServerProcess, fade_small: ServerPr
         prefix.append(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), LONG_NEW_TOKENS))
 
         # Cache the prompt, let it idle into the packed tiers, then score the continuation through it.
-        fade_small.flush_cache()
         _cache_and_age(fade_small, ids)
         full = ids + want
         preds = _teacher_forced_top1(fade_small, full, len(ids) - 1)
@@ -224,7 +234,6 @@ def test_triton_backend_serves_what_the_torch_reference_serves(fade_small: Serve
     cont = fade_small.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
     agreement = []
     for srv in (fade_small, fade_triton):
-        srv.flush_cache()
         _cache_and_age(srv, ids)
         # Both backends hand the pool their prefill queries: every layer's keys round for them.
         assert srv.fade_stats()["query_aware_key_layers"] == 2
@@ -245,7 +254,6 @@ def test_aggressive_cold_tier_serves_3_bit_values(baseline: ServerProcess, fade_
     for seed in (3, 4):
         ids = _ids(tokenizer, 48, seed)
         want = baseline.generate(input_ids=ids, max_new_tokens=24)["output_ids"]
-        fade_aggressive.flush_cache()
         _cache_and_age(fade_aggressive, ids, tier="cold")
         preds = _teacher_forced_top1(fade_aggressive, ids + want, len(ids) - 1)
         agreement.append(sum(p == t for p, t in zip(preds, want)) / len(want))

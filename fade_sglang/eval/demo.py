@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -320,30 +319,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _interrupt_once(signum: int, frame: Any) -> None:
-    """SIGINT / SIGTERM: unwind like Ctrl-C so every ``with ServerProcess`` stops its group;
-    further signals are ignored so a second Ctrl-C cannot cut that cleanup short."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None, prog: str = "fade-sglang demo") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    previous = {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+    from .launcher import unwind_on_signals
+
     try:
-        result = run_demo(args)
+        with unwind_on_signals():
+            result = run_demo(args)
     except DemoError as e:
         print(f"fade-sglang: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fade-sglang: interrupted; servers stopped", file=sys.stderr)
         return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     print(json.dumps(result, indent=2) if args.json else format_table(result), flush=True)
     return 0
 

@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 from ..config import FadeConfig
 from . import evaldata, quality
 from .demo import model_geometry
-from .launcher import DEVICE_DEFAULT, ServerProcess
+from .launcher import DEVICE_DEFAULT, ServerProcess, unwind_on_signals
 from .real_model import ensure_smollm2
 
 __all__ = ["Doc", "DocQAConfig", "make_docs", "settings_by_name", "run_doc_qa", "format_table", "main"]
@@ -311,6 +311,13 @@ class DocQAResult:
     answer_texts: list[list[str]] = field(default_factory=list)
     identical: dict[str, list[int]] = field(default_factory=dict)  # "turn1"/"turn2+" -> [same, total]
     first_divergence: list[int] = field(default_factory=list)  # answers that differ (turns 2+)
+    # Per answer token (turns 2+; turn 1 is not scored): the server's own top-1 minus top-2 log-probability
+    # with the reference answer teacher-forced, doc -> turn -> token. Small margins are near-ties that any
+    # perturbation of the KV (or of the numerics) can flip.
+    margins: list[list[list[float]]] = field(default_factory=list)
+    # Where an answer parts from the reference: doc, turn, token, the reference's own margin there and how far
+    # this server preferred its token over the reference's (nats).
+    divergences: list[dict[str, Any]] = field(default_factory=list)
     nll: float | None = None  # nats/token of the fp16 answers, turns 2+
     fact_recall: list[int] = field(default_factory=lambda: [0, 0])
     cached_min_fraction: float = 1.0  # smallest cached_tokens / history tokens of a turn 2+ request
@@ -348,22 +355,50 @@ def _check_history_cached(setting: Setting, what: str, out: dict[str, Any], hist
     return cached / max(1, history)
 
 
-def _score(srv: ServerProcess, prompt: list[int], answer: list[int]) -> tuple[float, int, dict[str, Any]]:
-    """Teacher-forced NLL (sum, count) of ``answer`` after ``prompt``."""
+@dataclass
+class Scored:
+    """A teacher-forced pass over ``answer`` after ``prompt``."""
+    nll_sum: float
+    count: int
+    margins: list[float]  # per answer token: top-1 minus top-2 log-probability
+    preference: list[float]  # per answer token: top-1 log-probability minus the answer token's
+    out: dict[str, Any]
+
+
+def _score(srv: ServerProcess, prompt: list[int], answer: list[int]) -> Scored:
+    """Teacher-forced NLL of ``answer`` after ``prompt``, with the top-2 log-probabilities at every answer token.
+
+    SGLang reports no log-probability for the token at ``logprob_start_len`` (the logits that predict it are not
+    computed), so the window starts one token early, at the prompt's last token, to cover the answer's first."""
     out = srv.request("/generate", {"input_ids": prompt + answer, "return_logprob": True,
-                                    "logprob_start_len": len(prompt),
+                                    "logprob_start_len": len(prompt) - 1, "top_logprobs_num": 2,
                                     "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
-    total, count = 0.0, 0
-    for entry in out["meta_info"]["input_token_logprobs"]:
-        if entry[0] is not None:
-            total -= float(entry[0])
-            count += 1
-    return total, count, out
+    meta = out["meta_info"]
+    total, count, margins, preference = 0.0, 0, [], []
+    for entry, top in zip(meta["input_token_logprobs"], meta["input_top_logprobs"]):
+        if entry[0] is None:
+            continue
+        total -= float(entry[0])
+        count += 1
+        best = [float(t[0]) for t in top or []]
+        margins.append(best[0] - best[1] if len(best) >= 2 else float("nan"))
+        preference.append(best[0] - float(entry[0]) if best else float("nan"))
+    if count != len(answer):
+        raise QualityError(f"scoring returned {count} log-probabilities for a {len(answer)}-token answer")
+    return Scored(total, count, margins, preference, out)
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _divergence(reference: DocQAResult | None, doc: int, turn: int, at: int, scored: Scored) -> dict[str, Any]:
+    """Where an answer parts from the reference (``at`` may be the answer's end: one stopped earlier)."""
+    ref_margins = reference.margins[doc][turn] if reference is not None and reference.margins else []
+    return {"doc": doc, "turn": turn + 1, "token": at,
+            "reference_margin": ref_margins[at] if at < len(ref_margins) else None,
+            "preference": round(scored.preference[at], 4) if at < len(scored.preference) else None}
 
 
 def run_doc_qa_on(srv: ServerProcess, setting: Setting, cfg: DocQAConfig, tok: Any, docs: list[Doc],
@@ -376,6 +411,7 @@ def run_doc_qa_on(srv: ServerProcess, setting: Setting, cfg: DocQAConfig, tok: A
     prompts = [turn1_ids(tok, d) for d in docs]
     res.answers = [[] for _ in docs]
     res.answer_texts = [[] for _ in docs]
+    res.margins = [[[]] for _ in docs]  # turn 1 is not scored
     nll_sum, nll_count = 0.0, 0
     same = {"turn1": [0, 0], "turn2+": [0, 0]}
     srv.flush_cache()
@@ -396,14 +432,17 @@ def run_doc_qa_on(srv: ServerProcess, setting: Setting, cfg: DocQAConfig, tok: A
             if t > 0:
                 frac = _check_history_cached(setting, f"doc {i} turn {t + 1}", out, history)
                 res.cached_min_fraction = min(res.cached_min_fraction, frac)
-                if ids != want:
-                    res.first_divergence.append(_first_divergence(ids, want))
                 res.fact_recall[1] += 1
                 res.fact_recall[0] += int(doc.facts[t].lower() in out["text"].lower())
-                s, c, sout = _score(srv, prompts[i], want)
-                _check_history_cached(setting, f"doc {i} turn {t + 1} (NLL)", sout, history)
-                nll_sum += s
-                nll_count += c
+                scored = _score(srv, prompts[i], want)
+                _check_history_cached(setting, f"doc {i} turn {t + 1} (NLL)", scored.out, history)
+                nll_sum += scored.nll_sum
+                nll_count += scored.count
+                res.margins[i].append([round(m, 4) for m in scored.margins])
+                if ids != want:
+                    at = _first_divergence(ids, want)
+                    res.first_divergence.append(at)
+                    res.divergences.append(_divergence(reference, i, t, at, scored))
         if compressed:
             stats = quality._wait_aged(srv, setting, cfg.age_timeout_s)
             res.snapshots.append({"after_turn": t + 1, **_snapshot(stats, bytes16)})
@@ -532,9 +571,16 @@ def summary_line(r: DocQAResult, ref: DocQAResult | None) -> str:
             f"compression {r.compression_vs_16bit or 1.0:.2f}x {pk}")
 
 
+def _margins_at_divergence(r: DocQAResult) -> str:
+    """The reference's own top-1 minus top-2 log-probability where each answer parted, smallest first."""
+    known = sorted(d["reference_margin"] for d in r.divergences if d.get("reference_margin") is not None)
+    return " ".join(f"{m:.2f}" for m in known) or "-"
+
+
 def format_table(results: Sequence[DocQAResult], lengths: Sequence[int]) -> str:
     base = next((r for r in results if r.name == "fp16"), None)
-    head = ["setting", "KV tokens", "compression", "same t1", "same t2-3", "1st div", "NLL", "dNLL", "recall",
+    head = ["setting", "KV tokens", "compression", "same t1", "same t2-3", "1st div", "fp16 margin there", "NLL",
+            "dNLL", "recall",
             *[f"passkey@{n}" for n in lengths], "s"]
     rows = [head]
     for r in results:
@@ -543,7 +589,7 @@ def format_table(results: Sequence[DocQAResult], lengths: Sequence[int]) -> str:
         dnll = "-" if base is None or r.nll is None or base.nll is None else f"{r.nll - base.nll:+.4f}"
         rows.append([r.name, str(r.max_total_tokens),
                      f"{r.compression_vs_16bit:.2f}x" if r.compression_vs_16bit else "1.00x",
-                     f"{s1[0]}/{s1[1]}", f"{s2[0]}/{s2[1]}", div,
+                     f"{s1[0]}/{s1[1]}", f"{s2[0]}/{s2[1]}", div, _margins_at_divergence(r),
                      "-" if r.nll is None else f"{r.nll:.4f}", dnll,
                      f"{r.fact_recall[0]}/{r.fact_recall[1]}",
                      *[f"{r.passkey[str(n)]:.0%}" if str(n) in r.passkey else "-" for n in lengths],
@@ -609,10 +655,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return table
 
     try:
-        results, meta = run_doc_qa(cfg, settings, on_result=lambda r, m: write(r, m, False))
+        with unwind_on_signals():
+            results, meta = run_doc_qa(cfg, settings, on_result=lambda r, m: write(r, m, False))
     except QualityError as e:
         print(f"[doc-qa] FAILED: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        done = a.out / "doc_qa.json"
+        print("[doc-qa] interrupted; servers stopped" + (f"; settings finished so far: {done}" if done.is_file() else ""),
+              file=sys.stderr)
+        return 130
     wall = time.monotonic() - t0
     print(write(results, meta, True))
     print(f"KV in {meta['kv_dtype']}: compression = held tokens x {meta['bytes_per_token_16bit']} B (16-bit) / "

@@ -9,6 +9,7 @@ and go first on the child's PYTHONPATH only on a host without the real ``sgl_ker
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..cpu_shims import shim_pythonpath
 
@@ -154,6 +155,26 @@ def _lost_port_race(log_path: Path) -> bool:
 
 class ServerStartupError(RuntimeError):
     pass
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """SIGINT / SIGTERM: unwind like Ctrl-C; further signals are ignored so a second Ctrl-C cannot cut the
+    servers' cleanup short."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def unwind_on_signals() -> Iterator[None]:
+    """Inside: SIGINT and SIGTERM raise KeyboardInterrupt (once), so every ``with ServerProcess`` stops its
+    process group. A plain SIGTERM would end the Python process without cleanup and leave servers running."""
+    previous = {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class ServerProcess:
