@@ -368,8 +368,9 @@ def _run_nll(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: Any,
     items = nll_items(tok, cfg.nll_length, cfg.nll_prompts, cfg.seed + 2)
 
     def score(it: Item) -> dict[str, Any]:
+        # from the context's last token: SGLang gives no log-probability at logprob_start_len itself
         return srv.request("/generate", {"input_ids": it.full, "return_logprob": True,
-                                         "logprob_start_len": len(it.context),
+                                         "logprob_start_len": len(it.context) - 1,
                                          "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
 
     outs, measured = run_batch(srv, setting, items, cfg, score)
