@@ -222,7 +222,9 @@ def _answer_logprobs(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], tu
 
 
 def run_variants(model: Any, convs: Sequence[Conversation], variants: Iterable[Variant], base: FadeConfig,
-                 keep_first: int) -> list[VariantResult]:
+                 keep_first: int, on_result: Callable[[list[VariantResult]], None] | None = None
+                 ) -> list[VariantResult]:
+    """Every variant over every conversation; ``on_result`` sees the results so far after each variant."""
     variants = list(variants)
     prefills = [_prefill(model, c.history, any(v.keep_top for v in variants)) for c in convs]
     refs = [[_answer_logprobs(model, p.kv, t, a) for t, a in c.follow_ups] for c, p in zip(convs, prefills)]
@@ -244,6 +246,8 @@ def run_variants(model: Any, convs: Sequence[Conversation], variants: Iterable[V
         r = VariantResult(variant.name, nll_sum / count, flips / count, answers_flipped, answers)
         _say(f"{r.name:<28} dNLL {r.nll_delta:+.4f}  flips {r.flip_rate:.3f} ({r.answers_with_flip}/{r.answers} answers)")
         results.append(r)
+        if on_result is not None:
+            on_result(results)
     return results
 
 
@@ -408,11 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)} (known: {', '.join(v.name for v in variants)})")
         variants = [v for v in variants if v.name in args.only]
-    results = run_variants(model, convs, variants, base, base.sink_tokens)
+    def write(results: list[VariantResult]) -> None:  # after every variant: a stopped run keeps what it measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps([asdict(r) for r in results], indent=1))
+
+    results = run_variants(model, convs, variants, base, base.sink_tokens, on_result=write)
     _say_recommendation(results)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0
 
 
