@@ -68,3 +68,47 @@ def test_score_refuses_a_short_logprob_list() -> None:
     srv = _FakeServer([-0.1, -0.2], [(-0.1, -2.0), (-0.2, -1.0)], [11, 12])
     with pytest.raises(doc_qa.QualityError, match="2 log-probabilities for a 3-token answer"):
         doc_qa._score(srv, [1], [11, 12, 13])  # type: ignore[arg-type]
+
+
+def _reference_json(tmp_path, cfg: "doc_qa.DocQAConfig", margins: bool = True, **config_changes) -> "Path":
+    import json
+    from dataclasses import asdict, replace
+
+    fp16 = doc_qa.DocQAResult("fp16", answers=[[[1, 2], [3]]], nll=0.2,
+                              margins=[[[], [0.5]]] if margins else [])
+    old = replace(cfg, **config_changes)
+    path = tmp_path / "doc_qa.json"
+    path.write_text(json.dumps({"config": {k: str(v) if k == "model_path" else v for k, v in asdict(old).items()},
+                                "results": [asdict(fp16)]}))
+    return path
+
+
+def test_reference_reuses_an_earlier_fp16_run_only_over_the_same_documents(tmp_path) -> None:
+    from pathlib import Path
+
+    cfg = doc_qa.DocQAConfig(model_path=Path("/m/SmolLM2-135M-Instruct"), docs=2)
+    ref = doc_qa.load_reference(_reference_json(tmp_path, cfg), cfg)
+    assert ref.name == "fp16" and ref.answers == [[[1, 2], [3]]] and ref.margins == [[[], [0.5]]]
+    with pytest.raises(doc_qa.QualityError, match="its docs, seed differ"):
+        doc_qa.load_reference(_reference_json(tmp_path, cfg, docs=6, seed=1), cfg)
+    with pytest.raises(doc_qa.QualityError, match="its model differ"):
+        doc_qa.load_reference(_reference_json(tmp_path, cfg, model_path=Path("/m/other")), cfg)
+    with pytest.raises(doc_qa.QualityError, match="no margins|with answer margins"):
+        doc_qa.load_reference(_reference_json(tmp_path, cfg, margins=False), cfg)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(doc_qa.QualityError, match="not a doc_qa.json"):
+        doc_qa.load_reference(tmp_path / "bad.json", cfg)
+
+
+def test_reference_with_fp16_in_settings_is_one_line(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        doc_qa.main(["--settings", "fp16,fade-safe", "--reference", str(tmp_path / "x.json"),
+                     "--model-path", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "leave fp16 out" in err[-1]
+
+
+def test_settings_start_with_fp16_unless_a_reference_gives_it() -> None:
+    with pytest.raises(ValueError, match="must start with fp16"):
+        doc_qa.settings_by_name(["fade-safe"])
+    assert [s.name for s in doc_qa.settings_by_name(["fade-safe"], reference_given=True)] == ["fade-safe"]

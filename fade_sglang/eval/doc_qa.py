@@ -237,7 +237,8 @@ def next_turn_ids(tok: Any, prompt: list[int], answer: list[int], question: str,
 # ----------------------------------------------------------------------------- settings
 
 
-def settings_by_name(names: Sequence[str]) -> list[Setting]:
+def settings_by_name(names: Sequence[str], reference_given: bool = False) -> list[Setting]:
+    """Settings in run order; the first must be fp16 (every server's history) unless ``--reference`` gives it."""
     out = []
     for name in names:
         if name == "fp16":
@@ -254,7 +255,7 @@ def settings_by_name(names: Sequence[str]) -> list[Setting]:
         else:
             raise ValueError(f"unknown setting {name!r} (fp16, control, fade-<preset>, evict@fade-<preset>; "
                              f"presets: {', '.join(PRESET_AGE)})")
-    if out and out[0].name != "fp16":
+    if out and out[0].name != "fp16" and not reference_given:
         raise ValueError("--settings must start with fp16 (its answers are every server's history)")
     return out
 
@@ -501,11 +502,38 @@ def _server(model: Path, args: list[str], tokens: int, fade: bool) -> ServerProc
                          attention_backend=None if fade else DEVICE_DEFAULT)
 
 
+REFERENCE_KEYS = ("docs", "doc_tokens", "turns", "answer_tokens", "dtype", "seed")
+
+
+def load_reference(path: Path, cfg: DocQAConfig) -> DocQAResult:
+    """The fp16 result of an earlier run over the same documents, questions and answer length, so that a run of
+    fade settings alone compares with it (the fp16 server takes a third of a run's time on a CPU)."""
+    try:
+        data = json.loads(path.read_text())
+        first = data["results"][0]
+        old = data["config"]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise QualityError(f"--reference {path}: not a doc_qa.json ({e})") from None
+    differ = [k for k in REFERENCE_KEYS if old.get(k) != getattr(cfg, k)]
+    if Path(old.get("model_path", "")).name != cfg.model_path.name:
+        differ.append("model")
+    if differ:
+        raise QualityError(f"--reference {path}: its {', '.join(differ)} differ from this run's")
+    if first.get("name") != "fp16" or not first.get("margins"):
+        raise QualityError(f"--reference {path}: its first result is not an fp16 run with answer margins "
+                           "(runs before 2026-12-07 evening have none)")
+    try:
+        return DocQAResult(**first)
+    except TypeError as e:
+        raise QualityError(f"--reference {path}: written by another doc_qa version ({e})") from None
+
+
 def run_doc_qa(cfg: DocQAConfig, settings: Sequence[Setting],
-               on_result: Callable[[list[DocQAResult], dict[str, Any]], None] | None = None
-               ) -> tuple[list[DocQAResult], dict[str, Any]]:
+               on_result: Callable[[list[DocQAResult], dict[str, Any]], None] | None = None,
+               reference: DocQAResult | None = None) -> tuple[list[DocQAResult], dict[str, Any]]:
     """Run every setting (one server each; eviction: one per task) in order; ``on_result`` sees the
-    results so far after each setting (for partial reports)."""
+    results so far after each setting (for partial reports). Without a ``reference`` the first setting's
+    answers are the reference."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(cfg.model_path))
@@ -520,9 +548,8 @@ def run_doc_qa(cfg: DocQAConfig, settings: Sequence[Setting],
             "facts": [d.facts for d in docs]}
     _say(f"{len(docs)} documents of {min(meta['doc_tokens'])}-{max(meta['doc_tokens'])} tokens; KV budget "
          f"{budget / 2**20:.1f} MiB ({cfg.base_tokens} tokens at {bytes16} B/token)")
-    results: dict[str, DocQAResult] = {}
+    results: dict[str, DocQAResult] = {} if reference is None else {reference.name: reference}
     qresults: dict[str, quality.SettingResult] = {}
-    reference: DocQAResult | None = None
     for setting in settings:
         t0 = time.monotonic()
         fade = setting.preset is not None
@@ -614,6 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for doc_qa.json")
     p.add_argument("--quick", action="store_true", help="CI size: 2 documents, passkey at 2048 only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", type=Path, default=None, metavar="DOC_QA_JSON",
+                   help="reuse the fp16 result of an earlier doc_qa.json with the same documents (skips the fp16 "
+                        "server; --settings must then leave fp16 out)")
     p.add_argument("--fade-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a fade knob for every fade-<preset> setting (repeatable), e.g. protected_layers=18,23")
     a = p.parse_args(argv)
@@ -624,8 +654,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         p.error(f"--passkey-lengths {lengths_text!r}: expected comma separated integers")
     names = [n.strip() for n in a.settings.split(",") if n.strip()]
+    if a.reference is not None and "fp16" in names:
+        p.error("--reference gives the fp16 result: leave fp16 out of --settings")
     try:
-        settings = with_knobs(settings_by_name(names), a.fade_set)
+        settings = with_knobs(settings_by_name(names, reference_given=a.reference is not None), a.fade_set)
     except ValueError as e:
         p.error(str(e))
     if docs < 1 or a.passkey_depths < 1:
@@ -641,6 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--base-tokens {a.base_tokens} cannot hold a {max(lengths)}-token passkey prompt")
     cfg = DocQAConfig(model_path=model, docs=docs, passkey_lengths=lengths, passkey_depths=a.passkey_depths,
                       base_tokens=a.base_tokens, dtype=a.dtype, seed=a.seed)
+    reference = None
+    if a.reference is not None:
+        try:
+            reference = load_reference(a.reference, cfg)
+        except QualityError as e:
+            p.error(str(e))
     t0 = time.monotonic()
     a.out.mkdir(parents=True, exist_ok=True)
     command = "python -m fade_sglang.eval.doc_qa " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -656,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with unwind_on_signals():
-            results, meta = run_doc_qa(cfg, settings, on_result=lambda r, m: write(r, m, False))
+            results, meta = run_doc_qa(cfg, settings, on_result=lambda r, m: write(r, m, False), reference=reference)
     except QualityError as e:
         print(f"[doc-qa] FAILED: {e}", file=sys.stderr)
         return 2
