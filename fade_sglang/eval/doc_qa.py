@@ -367,26 +367,14 @@ class Scored:
 
 
 def _score(srv: ServerProcess, prompt: list[int], answer: list[int]) -> Scored:
-    """Teacher-forced NLL of ``answer`` after ``prompt``, with the top-2 log-probabilities at every answer token.
-
-    SGLang reports no log-probability for the token at ``logprob_start_len`` (the logits that predict it are not
-    computed), so the window starts one token early, at the prompt's last token, to cover the answer's first."""
-    out = srv.request("/generate", {"input_ids": prompt + answer, "return_logprob": True,
-                                    "logprob_start_len": len(prompt) - 1, "top_logprobs_num": 2,
-                                    "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
-    meta = out["meta_info"]
-    total, count, margins, preference = 0.0, 0, [], []
-    for entry, top in zip(meta["input_token_logprobs"], meta["input_top_logprobs"]):
-        if entry[0] is None:
-            continue
-        total -= float(entry[0])
-        count += 1
-        best = [float(t[0]) for t in top or []]
-        margins.append(best[0] - best[1] if len(best) >= 2 else float("nan"))
-        preference.append(best[0] - float(entry[0]) if best else float("nan"))
-    if count != len(answer):
-        raise QualityError(f"scoring returned {count} log-probabilities for a {len(answer)}-token answer")
-    return Scored(total, count, margins, preference, out)
+    """Teacher-forced NLL of ``answer`` after ``prompt``, with the top-2 log-probabilities at every answer token."""
+    out = srv.request("/generate", quality.scoring_request(prompt, answer, top_logprobs=2))
+    scored = quality.scored_logprobs(out)
+    if len(scored) != len(answer):
+        raise QualityError(f"scoring returned {len(scored)} log-probabilities for a {len(answer)}-token answer")
+    margins = [top[0] - top[1] if len(top) >= 2 else float("nan") for _, top in scored]
+    preference = [top[0] - lp if top else float("nan") for lp, top in scored]
+    return Scored(-sum(lp for lp, _ in scored), len(scored), margins, preference, out)
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int:

@@ -363,26 +363,41 @@ def _run_greedy(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: A
         res.greedy_first_divergence = first
 
 
+def scoring_request(context: Sequence[int], continuation: Sequence[int], top_logprobs: int = 0) -> dict[str, Any]:
+    """A ``/generate`` payload that teacher-forces ``continuation`` after ``context`` and returns its log-probabilities.
+
+    SGLang reports no log-probability for the token at ``logprob_start_len`` (the logits that predict it are not
+    computed), so the window starts one token early, at the context's last token, to cover the continuation's
+    first."""
+    payload: dict[str, Any] = {"input_ids": list(context) + list(continuation), "return_logprob": True,
+                               "logprob_start_len": len(context) - 1,
+                               "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
+    if top_logprobs:
+        payload["top_logprobs_num"] = top_logprobs
+    return payload
+
+
+def scored_logprobs(out: dict[str, Any]) -> list[tuple[float, list[float]]]:
+    """Per continuation token of a :func:`scoring_request` reply: its log-probability and the top ones (empty
+    unless asked for); the window's leading entry, which has none, is dropped."""
+    meta = out["meta_info"]
+    tops = meta.get("input_top_logprobs") or [None] * len(meta["input_token_logprobs"])
+    return [(float(entry[0]), [float(t[0]) for t in top or []])
+            for entry, top in zip(meta["input_token_logprobs"], tops) if entry[0] is not None]
+
+
 def _run_nll(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: Any,
              res: SettingResult) -> None:
     items = nll_items(tok, cfg.nll_length, cfg.nll_prompts, cfg.seed + 2)
 
     def score(it: Item) -> dict[str, Any]:
-        # from the context's last token: SGLang gives no log-probability at logprob_start_len itself
-        return srv.request("/generate", {"input_ids": it.full, "return_logprob": True,
-                                         "logprob_start_len": len(it.context) - 1,
-                                         "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+        return srv.request("/generate", scoring_request(it.context, it.full[len(it.context):]))
 
     outs, measured = run_batch(srv, setting, items, cfg, score)
     _progress(setting.name, "nll", len(items), len(items))
     res.record(f"nll@{cfg.nll_length}", measured)
-    total, count = 0.0, 0
-    for out in outs:
-        for entry in out["meta_info"]["input_token_logprobs"]:
-            if entry[0] is not None:
-                total -= float(entry[0])
-                count += 1
-    res.nll = total / max(1, count)
+    logprobs = [lp for out in outs for lp, _ in scored_logprobs(out)]
+    res.nll = -sum(logprobs) / max(1, len(logprobs))
 
 
 # ----------------------------------------------------------------------------- driver
