@@ -112,3 +112,67 @@ def test_settings_start_with_fp16_unless_a_reference_gives_it() -> None:
     with pytest.raises(ValueError, match="must start with fp16"):
         doc_qa.settings_by_name(["fade-safe"])
     assert [s.name for s in doc_qa.settings_by_name(["fade-safe"], reference_given=True)] == ["fade-safe"]
+
+
+@pytest.mark.parametrize("extra,needle", [(["--reference", "x.json", "--settings", "fade-safe"], "no --reference"),
+                                          (["--settings", "fp16,control"], "control"),
+                                          (["--passkey-lengths", ""], "needs --passkey-lengths")])
+def test_passkey_only_run_refuses_what_it_cannot_do_in_one_line(extra: list[str], needle: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        doc_qa.main(["--docs", "0", "--model-path", "/nonexistent", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "--docs 0 runs passkey retrieval only" in err[-1] and needle in err[-1]
+
+
+def _passkey_result(name: str, hits: list[bool], ratio: float | None = None) -> doc_qa.DocQAResult:
+    answers = [{"length": 2048, "depth": i / max(1, len(hits) - 1), "passkey": "123", "answer": " 1.", "hit": h}
+               for i, h in enumerate(hits)]
+    return doc_qa.DocQAResult(name, max_total_tokens=24576, passkey={"2048": sum(hits) / len(hits)},
+                              passkey_answers=answers,
+                              passkey_compression_vs_16bit={"2048": ratio} if ratio else {})
+
+
+def test_passkey_only_table_has_counts_and_no_qa_columns() -> None:
+    results = [_passkey_result("fp16", [True, True, True, True]),
+               _passkey_result("fade-aggressive", [True, False, True, True], ratio=3.94)]
+    lines = doc_qa.format_table(results, (2048, 4096)).splitlines()
+    assert "same t2-3" not in lines[0] and "NLL" not in lines[0] and "passkey@4096" in lines[0]
+    assert "100% (4/4)" in lines[2] and "1.00x" in lines[2]
+    assert "75% (3/4)" in lines[3] and "3.94x" in lines[3] and lines[3].split()[-2] == "-"  # 4096 not run
+    assert doc_qa.summary_line(results[1], results[0]) == "passkey@2048=75% (3/4)"
+    # a QA run keeps its columns; a result without per-prompt records shows the accuracy alone
+    qa = doc_qa.DocQAResult("fade-safe", answers=[[[1]]], nll=0.2, passkey={"2048": 0.5})
+    assert "same t2-3" in doc_qa.format_table([qa], (2048,)).splitlines()[0]
+    assert doc_qa.passkey_cell(qa, 2048) == "50%"
+
+
+class _PasskeyServer:
+    """/generate for quality._run_passkey on an fp16 setting: the cached turn, then an answer per prompt."""
+
+    def __init__(self, answers: dict[tuple[int, ...], str]) -> None:
+        self.answers = answers  # prompt ids -> answer text
+
+    def flush_cache(self) -> None:
+        pass
+
+    def generate(self, input_ids: list[int], max_new_tokens: int) -> dict:
+        return {"text": self.answers.get(tuple(input_ids), " none."), "output_ids": [0],
+                "meta_info": {"cached_tokens": len(input_ids) - 1}}
+
+
+def test_passkey_run_records_every_prompt_and_what_a_miss_answered() -> None:
+    from transformers import AutoTokenizer
+
+    from fade_sglang.eval import quality
+
+    tok_path = quality.DEFAULT_MODEL  # the tiny model in the repo: its tokenizer is enough here
+    tok = AutoTokenizer.from_pretrained(str(tok_path))
+    cfg = quality.QualityConfig(model_path=tok_path, lengths=(512,), depths=2, per_cell=2, greedy_prompts=0,
+                                nll_prompts=0)
+    items = quality.passkey_items(tok, cfg.lengths, cfg.depths, cfg.per_cell, cfg.seed)
+    right = {tuple(it.full): f" {it.answer}." for it in items[:3]}  # the last prompt gets a wrong answer
+    res = quality.SettingResult("fp16", [])
+    quality._run_passkey(_PasskeyServer(right), quality.Setting("fp16"), cfg, tok, res)  # type: ignore[arg-type]
+    assert [(a["depth"], a["hit"]) for a in res.passkey_answers] == [(0.0, True), (0.0, True), (1.0, True),
+                                                                      (1.0, False)]
+    assert res.passkey_answers[-1]["answer"] == " none." and res.passkey["512"] == 0.75

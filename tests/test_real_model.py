@@ -72,6 +72,9 @@ def test_doc_qa_quick(smollm2: Path) -> None:
     # and only reported.
     assert fp16.fact_recall[1] == 4 and all(t.strip() for doc in fp16.answer_texts for t in doc)
     assert fp16.passkey["2048"] >= 0.5
+    # every passkey prompt is on record with what the server answered
+    assert [(a["length"], a["depth"]) for a in fp16.passkey_answers] == [(2048, 0.0), (2048, 1.0)]
+    assert sum(a["hit"] for a in fp16.passkey_answers) / 2 == fp16.passkey["2048"]
     # control: fade's pool and attention backend, nothing demoted, on SGLang's overlap schedule like plain
     # SGLang: every answer token-identical and the same NLL (the full run: 12 of 12, NLL equal; on the
     # non-overlapped loop it was 10 of 12, see benchmarks/RESULTS.md and tests/test_server_control.py).

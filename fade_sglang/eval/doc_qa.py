@@ -20,7 +20,9 @@ is a sanity check), the first diverging token of those that differ, the NLL of t
 (teacher forced, nats/token, ``return_logprob`` from the answer's first token, history from the
 cache), fact recall (the fp16 answer's fact string appears in the answer), the measured compression
 of the held conversations (``tokens x 16-bit bytes/token / stored bytes``, from ``/fade/stats``), and
-passkey retrieval (:func:`fade_sglang.eval.quality._run_passkey`: cache the context, age it, ask).
+passkey retrieval (:func:`fade_sglang.eval.quality._run_passkey`: cache the context, age it, ask; every
+prompt's answer is kept). ``--docs 0`` runs passkey retrieval alone, e.g. with ``--passkey-per-cell`` for
+enough prompts to tell 67% from 95%.
 
 Settings, all at the KV bytes of the fp16 server's ``--max-total-tokens`` (every server gets the same
 ``--max-total-tokens``: fade's pool is sized like plain SGLang's): ``fp16`` (plain SGLang),
@@ -329,6 +331,7 @@ class DocQAResult:
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     passkey: dict[str, float] = field(default_factory=dict)
     passkey_compression_vs_16bit: dict[str, float] = field(default_factory=dict)
+    passkey_answers: list[dict[str, Any]] = field(default_factory=list)  # per prompt: length, depth, answer, hit
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -479,6 +482,7 @@ def _run_passkey_on(srv: ServerProcess, setting: Setting, cfg: DocQAConfig, leng
             _say(f"{setting.name}: passkey@{n} FAILED: {res.errors[-1]}")
             return
         res.passkey.update({k: v for k, v in qres.passkey.items() if k != "all"})
+        res.passkey_answers = list(qres.passkey_answers)
     for n in lengths:
         ms = qres.measured.get(f"passkey@{n}")
         if ms and setting.preset is not None:  # the server's ratio: KV dtype bytes (16-bit here) / stored
@@ -534,8 +538,9 @@ def run_doc_qa(cfg: DocQAConfig, settings: Sequence[Setting],
     meta = {"kv_dtype": cfg.dtype, "bytes_per_token_16bit": bytes16, "kv_budget_bytes": budget,
             "doc_tokens": [d.num_tokens for d in docs], "questions": [d.questions for d in docs],
             "facts": [d.facts for d in docs]}
-    _say(f"{len(docs)} documents of {min(meta['doc_tokens'])}-{max(meta['doc_tokens'])} tokens; KV budget "
-         f"{budget / 2**20:.1f} MiB ({cfg.base_tokens} tokens at {bytes16} B/token)")
+    what = (f"{len(docs)} documents of {min(meta['doc_tokens'])}-{max(meta['doc_tokens'])} tokens" if docs
+            else "passkey only")
+    _say(f"{what}; KV budget {budget / 2**20:.1f} MiB ({cfg.base_tokens} tokens at {bytes16} B/token)")
     results: dict[str, DocQAResult] = {} if reference is None else {reference.name: reference}
     qresults: dict[str, quality.SettingResult] = {}
     for setting in settings:
@@ -547,10 +552,11 @@ def run_doc_qa(cfg: DocQAConfig, settings: Sequence[Setting],
         runs: list[tuple[Setting, bool, tuple[int, ...]]] = []  # (server setting, doc qa?, passkey lengths)
         if setting.evict_like is None:
             lengths = () if setting.name == "control" else tuple(cfg.passkey_lengths)
-            runs.append((setting, True, lengths))
+            runs.append((setting, bool(docs), lengths))
         else:  # eviction: its window is a server knob, sized per task from the matched setting's bytes
             like = qresults[setting.evict_like]
-            runs.append((quality.eviction_setting(setting, quality.keep_recent_for(like, "docqa")), True, ()))
+            if docs:
+                runs.append((quality.eviction_setting(setting, quality.keep_recent_for(like, "docqa")), True, ()))
             for n in cfg.passkey_lengths:
                 keep = quality.keep_recent_for(like, f"passkey@{n}")
                 runs.append((quality.eviction_setting(setting, keep), False, (n,)))
@@ -581,9 +587,20 @@ def run_doc_qa(cfg: DocQAConfig, settings: Sequence[Setting],
 def summary_line(r: DocQAResult, ref: DocQAResult | None) -> str:
     same = r.identical.get("turn2+", [0, 0])
     d = "" if ref is None or r.nll is None or ref.nll is None else f" (dNLL {r.nll - ref.nll:+.4f})"
-    pk = " ".join(f"passkey@{k}={v:.0%}" for k, v in r.passkey.items())
+    pk = " ".join(f"passkey@{k}={passkey_cell(r, int(k))}" for k in r.passkey)
+    if r.nll is None:  # a passkey-only run
+        return pk or "no results"
     return (f"identical turn 2-3 answers {same[0]}/{same[1]}, NLL {r.nll:.4f}{d}, "
             f"compression {r.compression_vs_16bit or 1.0:.2f}x {pk}")
+
+
+def passkey_cell(r: DocQAResult, length: int) -> str:
+    """Accuracy at one length, with the prompt counts when they were recorded ("67% (2/3)")."""
+    if str(length) not in r.passkey:
+        return "-"
+    hits = [a["hit"] for a in r.passkey_answers if a["length"] == length]
+    counts = f" ({sum(hits)}/{len(hits)})" if hits else ""
+    return f"{r.passkey[str(length)]:.0%}{counts}"
 
 
 def _margins_at_divergence(r: DocQAResult) -> str:
@@ -593,26 +610,31 @@ def _margins_at_divergence(r: DocQAResult) -> str:
 
 
 def format_table(results: Sequence[DocQAResult], lengths: Sequence[int]) -> str:
+    """One row per setting; a passkey-only run (no answers anywhere) leaves out the QA columns."""
     base = next((r for r in results if r.name == "fp16"), None)
-    head = ["setting", "KV tokens", "compression", "same t1", "same t2-3", "1st div", "fp16 margin there", "NLL",
-            "dNLL", "recall",
-            *[f"passkey@{n}" for n in lengths], "s"]
+    qa = any(r.answers for r in results)
+    qa_head = ["same t1", "same t2-3", "1st div", "fp16 margin there", "NLL", "dNLL", "recall"] if qa else []
+    head = ["setting", "KV tokens", "compression", *qa_head, *[f"passkey@{n}" for n in lengths], "s"]
     rows = [head]
     for r in results:
         s1, s2 = r.identical.get("turn1", [0, 0]), r.identical.get("turn2+", [0, 0])
         div = f"{sum(r.first_divergence) / len(r.first_divergence):.1f}" if r.first_divergence else "-"
         dnll = "-" if base is None or r.nll is None or base.nll is None else f"{r.nll - base.nll:+.4f}"
-        rows.append([r.name, str(r.max_total_tokens),
-                     f"{r.compression_vs_16bit:.2f}x" if r.compression_vs_16bit else "1.00x",
-                     f"{s1[0]}/{s1[1]}", f"{s2[0]}/{s2[1]}", div, _margins_at_divergence(r),
-                     "-" if r.nll is None else f"{r.nll:.4f}", dnll,
-                     f"{r.fact_recall[0]}/{r.fact_recall[1]}",
-                     *[f"{r.passkey[str(n)]:.0%}" if str(n) in r.passkey else "-" for n in lengths],
-                     f"{r.seconds:.0f}"])
+        qa_cells = [f"{s1[0]}/{s1[1]}", f"{s2[0]}/{s2[1]}", div, _margins_at_divergence(r),
+                    "-" if r.nll is None else f"{r.nll:.4f}", dnll,
+                    f"{r.fact_recall[0]}/{r.fact_recall[1]}"] if qa else []
+        # QA runs: the held conversations' ratio; passkey-only runs: the passkey prompts' (mean over lengths).
+        ratio = (r.compression_vs_16bit if qa else _mean(list(r.passkey_compression_vs_16bit.values()))) or 1.0
+        rows.append([r.name, str(r.max_total_tokens), f"{ratio:.2f}x", *qa_cells,
+                     *[passkey_cell(r, n) for n in lengths], f"{r.seconds:.0f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -620,9 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-path", type=Path, default=None,
                    help="HF model directory (default: SmolLM2-135M-Instruct via fade_sglang.eval.real_model)")
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma separated (default {DEFAULT_SETTINGS})")
-    p.add_argument("--docs", type=int, default=None, help="documents (default 6; --quick 2)")
+    p.add_argument("--docs", type=int, default=None,
+                   help="documents (default 6; --quick 2; 0 = passkey retrieval only)")
     p.add_argument("--passkey-lengths", default=None, help="comma separated (default 2048,4096,7168; --quick 2048)")
     p.add_argument("--passkey-depths", type=int, default=3, help="needle depths per length, evenly in [0, 1]")
+    p.add_argument("--passkey-per-cell", type=int, default=1, help="passkey prompts per (length, depth)")
     p.add_argument("--base-tokens", type=int, default=24576,
                    help="fp16 server's --max-total-tokens; every other server gets the same KV bytes")
     p.add_argument("--dtype", default="bfloat16", help="server dtype; KV is stored in it (default bfloat16)")
@@ -648,8 +672,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = with_knobs(settings_by_name(names, reference_given=a.reference is not None), a.fade_set)
     except ValueError as e:
         p.error(str(e))
-    if docs < 1 or a.passkey_depths < 1:
-        p.error("--docs and --passkey-depths must be >= 1")
+    if docs < 0 or a.passkey_depths < 1 or a.passkey_per_cell < 1:
+        p.error("--docs must be >= 0, --passkey-depths and --passkey-per-cell >= 1")
+    if docs == 0 and (a.reference is not None or "control" in names or not lengths):
+        p.error("--docs 0 runs passkey retrieval only: it needs --passkey-lengths, runs fp16 itself (no --reference) "
+                "and has no answers for control to match")
     try:
         model = a.model_path or ensure_smollm2()
     except RuntimeError as e:
@@ -660,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if max(lengths, default=0) + 64 > a.base_tokens:
         p.error(f"--base-tokens {a.base_tokens} cannot hold a {max(lengths)}-token passkey prompt")
     cfg = DocQAConfig(model_path=model, docs=docs, passkey_lengths=lengths, passkey_depths=a.passkey_depths,
-                      base_tokens=a.base_tokens, dtype=a.dtype, seed=a.seed)
+                      passkey_per_cell=a.passkey_per_cell, base_tokens=a.base_tokens, dtype=a.dtype, seed=a.seed)
     reference = None
     if a.reference is not None:
         try:
@@ -693,8 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     wall = time.monotonic() - t0
     print(write(results, meta, True))
+    when = "after the last turn" if docs else "with the aged passkey prompts held (mean over lengths)"
     print(f"KV in {meta['kv_dtype']}: compression = held tokens x {meta['bytes_per_token_16bit']} B (16-bit) / "
-          f"stored bytes, from /fade/stats after the last turn; wall {wall:.0f}s")
+          f"stored bytes, from /fade/stats {when}; wall {wall:.0f}s")
     print(f"wrote {a.out / 'doc_qa.json'}")
     return 0
 

@@ -190,6 +190,8 @@ class SettingResult:
     server_args: list[str]
     passkey: dict[str, float] = field(default_factory=dict)  # "L" -> accuracy; "all"
     passkey_by_depth: dict[str, float] = field(default_factory=dict)
+    # One record per passkey prompt: length, depth, the passkey and the server's answer (what a miss said).
+    passkey_answers: list[dict[str, Any]] = field(default_factory=list)
     compression: dict[str, float] = field(default_factory=dict)  # task/length -> measured ratio
     greedy_match: float | None = None
     greedy_first_divergence: list[int] = field(default_factory=list)
@@ -333,7 +335,10 @@ def _run_passkey(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: 
                                        lambda it: srv.generate(input_ids=it.full, max_new_tokens=8))
             res.record(f"passkey@{length}", measured)
             for it, out in zip(batch, outs):
-                hits.setdefault((it.length, it.depth), []).append(evaldata.score_answer(out["text"], it.answer))
+                hit = evaldata.score_answer(out["text"], it.answer)
+                hits.setdefault((it.length, it.depth), []).append(hit)
+                res.passkey_answers.append({"length": it.length, "depth": round(it.depth, 4), "passkey": it.answer,
+                                            "answer": out["text"], "hit": hit})
             done += len(batch)
             _progress(setting.name, "passkey", done, len(items))
         cell = [h for (n, _), hs in hits.items() if n == length for h in hs]
@@ -454,6 +459,7 @@ def _run_eviction(setting: Setting, cfg: QualityConfig, tok: Any, fade: SettingR
         merged.seconds += res.seconds
         if "passkey" in run_tasks:
             passkey_cells.update({k: v for k, v in res.passkey.items() if k != "all"})
+            merged.passkey_answers.extend(res.passkey_answers)
             for d, acc in res.passkey_by_depth.items():
                 depth_hits.setdefault(d, []).append(acc)
         if "greedy" in run_tasks:
