@@ -64,6 +64,17 @@ def test_score_reports_nll_margins_and_where_the_server_preferred_another_token(
                                          ) == "0.01 0.02"
 
 
+def test_a_divergence_is_a_tie_only_when_both_servers_were_within_one_bf16_step() -> None:
+    tie = {"reference_margin": 0.0625, "preference": 0.0}
+    assert doc_qa.parted_at_tie(tie)
+    assert not doc_qa.parted_at_tie(dict(tie, reference_margin=0.25))  # fp16 had a clear favourite
+    assert not doc_qa.parted_at_tie(dict(tie, preference=0.5))  # the compressed server moved by half a nat
+    assert not doc_qa.parted_at_tie(dict(tie, preference=None))  # it stopped early: no score there
+    r = doc_qa.DocQAResult("fade-safe", answers=[[[1]]], nll=0.2, divergences=[tie, dict(tie, preference=1.0)])
+    table = doc_qa.format_table([r], ()).splitlines()
+    assert "at a tie" in table[0] and " 1/2 " in table[2]
+
+
 def test_score_refuses_a_short_logprob_list() -> None:
     srv = _FakeServer([-0.1, -0.2], [(-0.1, -2.0), (-0.2, -1.0)], [11, 12])
     with pytest.raises(doc_qa.QualityError, match="2 log-probabilities for a 3-token answer"):

@@ -385,6 +385,18 @@ def _first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
+# The servers compute bfloat16 logits: two logits between 16 and 32 are 1/8 nat apart at the least, so a margin
+# that small is a tie the numerics decide, not the model.
+TIE_NATS = 0.125
+
+
+def parted_at_tie(divergence: dict[str, Any]) -> bool:
+    """Whether an answer parted where both servers were within one bf16 step of indifferent: the reference's own
+    top-1/top-2 margin there and this server's preference for its token both at most :data:`TIE_NATS`."""
+    ref, pref = divergence.get("reference_margin"), divergence.get("preference")
+    return ref is not None and pref is not None and ref <= TIE_NATS and pref <= TIE_NATS
+
+
 def _divergence(reference: DocQAResult | None, doc: int, turn: int, at: int, scored: Scored) -> dict[str, Any]:
     """Where an answer parts from the reference (``at`` may be the answer's end: one stopped earlier)."""
     ref_margins = reference.margins[doc][turn] if reference is not None and reference.margins else []
@@ -603,6 +615,13 @@ def passkey_cell(r: DocQAResult, length: int) -> str:
     return f"{r.passkey[str(length)]:.0%}{counts}"
 
 
+def _ties(r: DocQAResult) -> str:
+    """Divergences at a tie (:func:`parted_at_tie`) of all divergences, e.g. "3/4"."""
+    if not r.divergences:
+        return "-"
+    return f"{sum(parted_at_tie(d) for d in r.divergences)}/{len(r.divergences)}"
+
+
 def _margins_at_divergence(r: DocQAResult) -> str:
     """The reference's own top-1 minus top-2 log-probability where each answer parted, smallest first."""
     known = sorted(d["reference_margin"] for d in r.divergences if d.get("reference_margin") is not None)
@@ -613,14 +632,14 @@ def format_table(results: Sequence[DocQAResult], lengths: Sequence[int]) -> str:
     """One row per setting; a passkey-only run (no answers anywhere) leaves out the QA columns."""
     base = next((r for r in results if r.name == "fp16"), None)
     qa = any(r.answers for r in results)
-    qa_head = ["same t1", "same t2-3", "1st div", "fp16 margin there", "NLL", "dNLL", "recall"] if qa else []
+    qa_head = ["same t1", "same t2-3", "1st div", "fp16 margin there", "at a tie", "NLL", "dNLL", "recall"] if qa else []
     head = ["setting", "KV tokens", "compression", *qa_head, *[f"passkey@{n}" for n in lengths], "s"]
     rows = [head]
     for r in results:
         s1, s2 = r.identical.get("turn1", [0, 0]), r.identical.get("turn2+", [0, 0])
         div = f"{sum(r.first_divergence) / len(r.first_divergence):.1f}" if r.first_divergence else "-"
         dnll = "-" if base is None or r.nll is None or base.nll is None else f"{r.nll - base.nll:+.4f}"
-        qa_cells = [f"{s1[0]}/{s1[1]}", f"{s2[0]}/{s2[1]}", div, _margins_at_divergence(r),
+        qa_cells = [f"{s1[0]}/{s1[1]}", f"{s2[0]}/{s2[1]}", div, _margins_at_divergence(r), _ties(r),
                     "-" if r.nll is None else f"{r.nll:.4f}", dnll,
                     f"{r.fact_recall[0]}/{r.fact_recall[1]}"] if qa else []
         # QA runs: the held conversations' ratio; passkey-only runs: the passkey prompts' (mean over lengths).
