@@ -187,3 +187,18 @@ def test_passkey_run_records_every_prompt_and_what_a_miss_answered() -> None:
     assert [(a["depth"], a["hit"]) for a in res.passkey_answers] == [(0.0, True), (0.0, True), (1.0, True),
                                                                       (1.0, False)]
     assert res.passkey_answers[-1]["answer"] == " none." and res.passkey["512"] == 0.75
+
+
+def test_a_server_that_does_not_start_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    from fade_sglang.eval.launcher import ServerStartupError
+
+    def no_server(*args, **kwargs):
+        raise ServerStartupError("sglang server not ready after 600s; log tail (/tmp/x.log):\nline 1\nline 2")
+
+    monkeypatch.setattr(doc_qa, "run_doc_qa", no_server)
+    monkeypatch.setattr(doc_qa, "model_geometry", lambda *a: None)
+    (tmp_path / "config.json").write_text("{}")
+    code = doc_qa.main(["--docs", "0", "--passkey-lengths", "1024", "--settings", "fp16", "--model-path",
+                        str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["[doc-qa] FAILED: sglang server not ready after 600s; log tail (/tmp/x.log):"]

@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 from ..config import FadeConfig
 from . import evaldata, quality
 from .demo import model_geometry
-from .launcher import DEVICE_DEFAULT, ServerProcess, unwind_on_signals
+from .launcher import DEVICE_DEFAULT, ServerProcess, ServerStartupError, unwind_on_signals
 from .real_model import ensure_smollm2
 
 __all__ = ["Doc", "DocQAConfig", "make_docs", "settings_by_name", "run_doc_qa", "format_table", "main"]
@@ -502,7 +502,8 @@ def _run_passkey_on(srv: ServerProcess, setting: Setting, cfg: DocQAConfig, leng
 
 
 def _server(model: Path, args: list[str], tokens: int, fade: bool) -> ServerProcess:
-    return ServerProcess(model, args, max_total_tokens=tokens, startup_timeout_s=300,
+    # 10 minutes: on a loaded 2-core CPU the real model's server has been seen to need just over 5.
+    return ServerProcess(model, args, max_total_tokens=tokens, startup_timeout_s=600,
                          attention_backend=None if fade else DEVICE_DEFAULT)
 
 
@@ -731,6 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results, meta = run_doc_qa(cfg, settings, on_result=lambda r, m: write(r, m, False), reference=reference)
     except QualityError as e:
         print(f"[doc-qa] FAILED: {e}", file=sys.stderr)
+        return 2
+    except ServerStartupError as e:  # its first line names the server log; the rest is that log's tail
+        print(f"[doc-qa] FAILED: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         done = a.out / "doc_qa.json"
