@@ -64,7 +64,7 @@ def test_score_reports_nll_margins_and_where_the_server_preferred_another_token(
                                          ) == "0.01 0.02"
 
 
-def test_a_divergence_is_a_tie_only_when_both_servers_were_within_one_bf16_step() -> None:
+def test_a_divergence_is_a_tie_only_when_both_servers_were_within_an_eighth_of_a_nat() -> None:
     tie = {"reference_margin": 0.0625, "preference": 0.0}
     assert doc_qa.parted_at_tie(tie)
     assert not doc_qa.parted_at_tie(dict(tie, reference_margin=0.25))  # fp16 had a clear favourite

@@ -385,14 +385,14 @@ def _first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-# The servers compute bfloat16 logits: two logits between 16 and 32 are 1/8 nat apart at the least, so a margin
-# that small is a tie the numerics decide, not the model.
+# The servers compute bfloat16 logits, rounded in steps of 1/8 nat between 16 and 32 (1/16 between 8 and 16...):
+# two tokens whose log-probabilities differ by 1/8 nat or less may be ordered by that rounding, not by the model.
 TIE_NATS = 0.125
 
 
 def parted_at_tie(divergence: dict[str, Any]) -> bool:
-    """Whether an answer parted where both servers were within one bf16 step of indifferent: the reference's own
-    top-1/top-2 margin there and this server's preference for its token both at most :data:`TIE_NATS`."""
+    """Whether an answer parted where both servers were all but indifferent: the reference's own top-1/top-2 margin
+    there and this server's preference for its token both at most :data:`TIE_NATS`."""
     ref, pref = divergence.get("reference_margin"), divergence.get("preference")
     return ref is not None and pref is not None and ref <= TIE_NATS and pref <= TIE_NATS
 
