@@ -846,8 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("elastic.py: interrupted; servers stopped", file=sys.stderr)
         return 130
     except ServerStartupError as e:
-        first = str(e).splitlines()[0]
-        return fail(f"a server did not start: {first} (see the log named above)")
+        return fail(f"a server did not start: {e.headline} (see the log named above)")
     result = {"command": command, "scale": args.scale, "scale_config": asdict(scale), "model": str(model),
               "device": device, "preset": args.preset, "max_total_tokens": scale.max_total_tokens,
               "wall_s": round(time.perf_counter() - t0, 1), **body}

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -643,18 +644,17 @@ def format_table(results: Sequence[DocQAResult], lengths: Sequence[int]) -> str:
         qa_cells = [f"{s1[0]}/{s1[1]}", f"{s2[0]}/{s2[1]}", div, _margins_at_divergence(r), _ties(r),
                     "-" if r.nll is None else f"{r.nll:.4f}", dnll,
                     f"{r.fact_recall[0]}/{r.fact_recall[1]}"] if qa else []
-        # QA runs: the held conversations' ratio; passkey-only runs: the passkey prompts' (mean over lengths).
-        ratio = (r.compression_vs_16bit if qa else _mean(list(r.passkey_compression_vs_16bit.values()))) or 1.0
+        passkey_ratios = list(r.passkey_compression_vs_16bit.values())
+        if qa:  # the held conversations' ratio
+            ratio = r.compression_vs_16bit or 1.0
+        else:  # passkey only: the aged passkey prompts' ratio, mean over lengths
+            ratio = statistics.fmean(passkey_ratios) if passkey_ratios else 1.0
         rows.append([r.name, str(r.max_total_tokens), f"{ratio:.2f}x", *qa_cells,
                      *[passkey_cell(r, n) for n in lengths], f"{r.seconds:.0f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -733,8 +733,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QualityError as e:
         print(f"[doc-qa] FAILED: {e}", file=sys.stderr)
         return 2
-    except ServerStartupError as e:  # its first line names the server log; the rest is that log's tail
-        print(f"[doc-qa] FAILED: {str(e).splitlines()[0]}", file=sys.stderr)
+    except ServerStartupError as e:
+        print(f"[doc-qa] FAILED: {e.headline}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         done = a.out / "doc_qa.json"

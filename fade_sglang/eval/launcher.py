@@ -154,7 +154,11 @@ def _lost_port_race(log_path: Path) -> bool:
 
 
 class ServerStartupError(RuntimeError):
-    pass
+    """The message's first line says what failed and names the server log; the lines after it are the log's tail."""
+
+    @property
+    def headline(self) -> str:
+        return str(self).splitlines()[0]
 
 
 def _interrupt_once(signum: int, frame: Any) -> None:

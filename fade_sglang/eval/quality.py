@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import evaldata
 from .demo import DEFAULT_MODEL
@@ -326,7 +326,7 @@ def run_setting(setting: Setting, cfg: QualityConfig, tok: Any,
 def _run_passkey(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: Any,
                  res: SettingResult) -> None:
     items = passkey_items(tok, cfg.lengths, cfg.depths, cfg.per_cell, cfg.seed)
-    hits: dict[tuple[int, float], list[bool]] = {}
+    mine = len(res.passkey_answers)  # this call's records start here (doc_qa calls once per length)
     done = 0
     for length in cfg.lengths:
         group = [it for it in items if it.length == length]
@@ -335,19 +335,20 @@ def _run_passkey(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: 
                                        lambda it: srv.generate(input_ids=it.full, max_new_tokens=8))
             res.record(f"passkey@{length}", measured)
             for it, out in zip(batch, outs):
-                hit = evaldata.score_answer(out["text"], it.answer)
-                hits.setdefault((it.length, it.depth), []).append(hit)
                 res.passkey_answers.append({"length": it.length, "depth": round(it.depth, 4), "passkey": it.answer,
-                                            "answer": out["text"], "hit": hit})
+                                            "answer": out["text"], "hit": evaldata.score_answer(out["text"], it.answer)})
             done += len(batch)
             _progress(setting.name, "passkey", done, len(items))
-        cell = [h for (n, _), hs in hits.items() if n == length for h in hs]
-        res.passkey[str(length)] = sum(cell) / len(cell)
-    every = [h for hs in hits.values() for h in hs]
-    res.passkey["all"] = sum(every) / len(every)
-    for depth in sorted({d for _, d in hits}):
-        cell = [h for (_, d), hs in hits.items() if d == depth for h in hs]
-        res.passkey_by_depth[f"{depth:.2f}"] = sum(cell) / len(cell)
+        res.passkey[str(length)] = _accuracy(a for a in res.passkey_answers[mine:] if a["length"] == length)
+    answers = res.passkey_answers[mine:]
+    res.passkey["all"] = _accuracy(answers)
+    for depth in sorted({a["depth"] for a in answers}):
+        res.passkey_by_depth[f"{depth:.2f}"] = _accuracy(a for a in answers if a["depth"] == depth)
+
+
+def _accuracy(answers: Iterable[dict[str, Any]]) -> float:
+    hits = [a["hit"] for a in answers]
+    return sum(hits) / len(hits)
 
 
 def _run_greedy(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: Any,
