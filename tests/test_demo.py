@@ -33,6 +33,20 @@ def test_unknown_preset_is_one_line_error(tiny_model_dir: Path) -> None:
     assert res.returncode == 2 and "unknown preset" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_server_that_does_not_start_is_one_line_error(monkeypatch, capsys) -> None:
+    from fade_sglang.eval import demo
+    from fade_sglang.eval.launcher import ServerStartupError
+
+    def no_server(args):
+        raise ServerStartupError("sglang server not ready after 300s; log tail (/tmp/x.log):\nline 1\nline 2")
+
+    monkeypatch.setattr(demo, "run_demo", no_server)
+    assert demo.main(["--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fade-sglang: error: a server did not start: sglang server not ready after 300s; log tail "
+                   "(/tmp/x.log):"]
+
+
 def test_cli_lists_subcommands() -> None:
     res = _run(["--help"], timeout=60)
     assert res.returncode == 0 and "demo" in res.stdout and "fidelity" in res.stdout

@@ -323,13 +323,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "fade-sglang demo") -> i
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from .launcher import unwind_on_signals
+    from .launcher import ServerStartupError, unwind_on_signals
 
     try:
         with unwind_on_signals():
             result = run_demo(args)
     except DemoError as e:
         print(f"fade-sglang: error: {e}", file=sys.stderr)
+        return 2
+    except ServerStartupError as e:
+        print(f"fade-sglang: error: a server did not start: {e.headline}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fade-sglang: interrupted; servers stopped", file=sys.stderr)
