@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 
 from fade_sglang.eval.demo import (DTYPE_BYTES, FADE_ARGS, LOG_ARGS, DemoError, model_geometry,  # noqa: E402
                                    resolve_model)
-from fade_sglang.eval.launcher import ServerProcess, server_env  # noqa: E402
+from fade_sglang.eval.launcher import ServerProcess, ServerStartupError, server_env, unwind_on_signals  # noqa: E402
 from fade_sglang.eval.workloads import (AgentTraceSpec, build_agent_trace, load_tokenizer, run_agent_trace,  # noqa: E402
                                    scheduler_log_summary)
 
@@ -394,9 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     scale = gsp_turns_for(scale, model, say)
     rows = []
     try:
-        for cfg in CONFIGS:
-            if cfg.name in wanted:
-                rows.append(run_config(cfg, model, scale, dtype, args.out_dir, say))
+        with unwind_on_signals():
+            for cfg in CONFIGS:
+                if cfg.name in wanted:
+                    rows.append(run_config(cfg, model, scale, dtype, args.out_dir, say))
+    except ServerStartupError as e:
+        print(f"serving.py: error: a server did not start: {e.headline}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("serving.py: interrupted; servers stopped", file=sys.stderr)
         return 130

@@ -38,6 +38,11 @@ CPU_SERVER_ARGS: tuple[str, ...] = (
     "--device", "cpu",
     "--dtype", "float32",
     "--disable-cuda-graph",
+    # SGLang's scheduler otherwise busy-polls a core while idle: on a 2-core box, each idle server alive
+    # (a test module's fixtures, an A/B pair) then slows every other server's start-up and steps several-fold.
+    # It wakes at once when a request arrives and turns its loop at least once a second, so fade's idle
+    # demotion still runs.
+    "--sleep-on-idle",
 )
 # ``attention_backend`` value meaning "the device's default": torch_native on CPU, SGLang's choice on GPU.
 # None passes no flag (--kv-compression fade then picks its own backend for the device).

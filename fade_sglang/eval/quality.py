@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import evaldata
 from .demo import DEFAULT_MODEL
-from .launcher import DEVICE_DEFAULT, ServerProcess
+from .launcher import DEVICE_DEFAULT, ServerProcess, ServerStartupError, unwind_on_signals
 
 __all__ = ["Setting", "Item", "QualityConfig", "SettingResult", "default_settings", "passkey_items",
            "greedy_items", "nll_items", "run_setting", "run_quality", "main"]
@@ -555,7 +555,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = QualityConfig(model_path=a.model_path, dtype=a.dtype, lengths=lengths, depths=a.depths,
                         per_cell=a.per_cell, greedy_prompts=a.greedy_prompts, greedy_tokens=a.greedy_tokens,
                         nll_prompts=a.nll_prompts, seed=a.seed)
-    results = run_quality(cfg, [known[n] for n in names])
+    try:
+        with unwind_on_signals():
+            results = run_quality(cfg, [known[n] for n in names])
+    except ServerStartupError as e:
+        print(f"[quality] FAILED: a server did not start: {e.headline}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("[quality] interrupted; servers stopped", file=sys.stderr)
+        return 130
     table = format_table(results, cfg)
     print(table)
     a.out.mkdir(parents=True, exist_ok=True)
