@@ -95,6 +95,8 @@ def _reference_json(tmp_path, cfg: "doc_qa.DocQAConfig", margins: bool = True, *
 
 
 def test_reference_reuses_an_earlier_fp16_run_only_over_the_same_documents(tmp_path) -> None:
+    import json
+    from dataclasses import replace
     from pathlib import Path
 
     cfg = doc_qa.DocQAConfig(model_path=Path("/m/SmolLM2-135M-Instruct"), docs=2)
@@ -106,6 +108,16 @@ def test_reference_reuses_an_earlier_fp16_run_only_over_the_same_documents(tmp_p
         doc_qa.load_reference(_reference_json(tmp_path, cfg, model_path=Path("/m/other")), cfg)
     with pytest.raises(doc_qa.QualityError, match="no margins|with answer margins"):
         doc_qa.load_reference(_reference_json(tmp_path, cfg, margins=False), cfg)
+    with pytest.raises(doc_qa.QualityError, match="its passkey_filler differ"):
+        doc_qa.load_reference(_reference_json(tmp_path, cfg, passkey_filler="classic"), cfg)
+    # a JSON from before the filler was a knob ran the varied filler
+    old_json = _reference_json(tmp_path, cfg)
+    data = json.loads(old_json.read_text())
+    del data["config"]["passkey_filler"]
+    old_json.write_text(json.dumps(data))
+    assert doc_qa.load_reference(old_json, cfg).name == "fp16"
+    with pytest.raises(doc_qa.QualityError, match="its passkey_filler differ"):
+        doc_qa.load_reference(old_json, replace(cfg, passkey_filler="classic"))
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(doc_qa.QualityError, match="not a doc_qa.json"):
         doc_qa.load_reference(tmp_path / "bad.json", cfg)
@@ -202,3 +214,20 @@ def test_a_server_that_does_not_start_is_one_line(tmp_path, monkeypatch, capsys)
                         str(tmp_path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["[doc-qa] FAILED: sglang server not ready after 600s; log tail (/tmp/x.log):"]
+
+
+def test_passkey_filler_reaches_the_prompts() -> None:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from fade_sglang.eval import quality
+
+    cfg = doc_qa.DocQAConfig(model_path=Path("/m/SmolLM2-135M-Instruct"), docs=0, passkey_filler="classic")
+    qcfg = doc_qa._passkey_cfg(cfg, (512,), 4096)
+    tok = AutoTokenizer.from_pretrained(str(quality.DEFAULT_MODEL))
+    items = quality.passkey_items(tok, qcfg.lengths, 2, 1, qcfg.seed, qcfg.passkey_filler)
+    # five sentences repeated: a few dozen distinct tokens (the preamble's and the needle's included)
+    assert len(items) == 2 and all(len(set(it.context)) < 50 for it in items)
+    varied = quality.passkey_items(tok, qcfg.lengths, 2, 1, qcfg.seed)
+    assert all(len(set(it.context)) > 100 for it in varied)

@@ -58,6 +58,24 @@ def test_passkey_length_depth_and_answer(tokenizer, length: int, depth: float) -
     assert abs(rel - depth) <= 16 / filler + 1e-9  # within one sentence
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_classic_passkey_is_the_needle_in_five_repeated_sentences(tokenizer, depth: float) -> None:
+    s = evaldata.passkey_sample(random.Random(3), 1024, depth, tokenizer, filler="classic")
+    ids = evaldata.prompt_token_ids(tokenizer, s.prompt)
+    assert len(ids) == s.num_tokens == 1024
+    assert s.prompt.count(s.answer) == 2 and len(re.findall(r"\d", s.prompt)) == 10
+    filler = [t.strip() for t, role in s.segments if role == "filler"]
+    whole = [t for t in filler if t in evaldata.CLASSIC_FILLER]
+    assert len(whole) >= len(filler) - 1  # at most one truncated sentence closes the length
+    assert whole[:5] == list(evaldata.CLASSIC_FILLER)  # in their cycle
+    roles = [role for _, role in s.segments]
+    needle_at = roles.index("needle")
+    fillers_before = roles[:needle_at].count("filler")
+    assert abs(fillers_before / roles.count("filler") - depth) < 0.02
+    with pytest.raises(ValueError, match="filler 'lorem'"):
+        evaldata.passkey_sample(random.Random(3), 1024, depth, tokenizer, filler="lorem")
+
+
 def test_passkey_deterministic(tokenizer) -> None:
     a = evaldata.passkey_prompt(random.Random(3), 512, 0.5, tokenizer)
     b = evaldata.passkey_prompt(random.Random(3), 512, 0.5, tokenizer)

@@ -44,7 +44,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -300,6 +300,7 @@ class DocQAConfig:
     passkey_lengths: tuple[int, ...] = (2048, 4096, 7168)
     passkey_depths: int = 3
     passkey_per_cell: int = 1
+    passkey_filler: str = "varied"  # evaldata.FILLERS
     base_tokens: int = 24576  # --max-total-tokens of every server (the same KV bytes for all)
     dtype: str = "bfloat16"
     age_timeout_s: float = 120.0
@@ -476,7 +477,7 @@ def _passkey_cfg(cfg: DocQAConfig, lengths: Sequence[int], tokens: int) -> quali
     return quality.QualityConfig(model_path=cfg.model_path, dtype=cfg.dtype, lengths=tuple(lengths),
                                  depths=cfg.passkey_depths, per_cell=cfg.passkey_per_cell, greedy_prompts=0,
                                  nll_prompts=0, max_total_tokens=tokens, age_timeout_s=cfg.age_timeout_s,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, passkey_filler=cfg.passkey_filler)
 
 
 def _run_passkey_on(srv: ServerProcess, setting: Setting, cfg: DocQAConfig, lengths: Sequence[int], tokens: int,
@@ -508,7 +509,9 @@ def _server(model: Path, args: list[str], tokens: int, fade: bool) -> ServerProc
                          attention_backend=None if fade else DEVICE_DEFAULT)
 
 
-REFERENCE_KEYS = ("docs", "doc_tokens", "turns", "answer_tokens", "dtype", "seed")
+REFERENCE_KEYS = ("docs", "doc_tokens", "turns", "answer_tokens", "dtype", "seed", "passkey_filler")
+# What a JSON written before a key existed ran with.
+_REFERENCE_DEFAULTS = {f.name: f.default for f in fields(DocQAConfig) if f.name in REFERENCE_KEYS}
 
 
 def load_reference(path: Path, cfg: DocQAConfig) -> DocQAResult:
@@ -520,7 +523,7 @@ def load_reference(path: Path, cfg: DocQAConfig) -> DocQAResult:
         old = data["config"]
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise QualityError(f"--reference {path}: not a doc_qa.json ({e})") from None
-    differ = [k for k in REFERENCE_KEYS if old.get(k) != getattr(cfg, k)]
+    differ = [k for k in REFERENCE_KEYS if old.get(k, _REFERENCE_DEFAULTS[k]) != getattr(cfg, k)]
     if Path(old.get("model_path", "")).name != cfg.model_path.name:
         differ.append("model")
     if differ:
@@ -554,7 +557,8 @@ def run_doc_qa(cfg: DocQAConfig, settings: Sequence[Setting],
             "facts": [d.facts for d in docs]}
     what = (f"{len(docs)} documents of {min(meta['doc_tokens'])}-{max(meta['doc_tokens'])} tokens" if docs
             else "passkey only")
-    _say(f"{what}; KV budget {budget / 2**20:.1f} MiB ({cfg.base_tokens} tokens at {bytes16} B/token)")
+    _say(f"{what}; passkey filler {cfg.passkey_filler}; KV budget {budget / 2**20:.1f} MiB "
+         f"({cfg.base_tokens} tokens at {bytes16} B/token)")
     results: dict[str, DocQAResult] = {} if reference is None else {reference.name: reference}
     qresults: dict[str, quality.SettingResult] = {}
     for setting in settings:
@@ -667,6 +671,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--passkey-lengths", default=None, help="comma separated (default 2048,4096,7168; --quick 2048)")
     p.add_argument("--passkey-depths", type=int, default=3, help="needle depths per length, evenly in [0, 1]")
     p.add_argument("--passkey-per-cell", type=int, default=1, help="passkey prompts per (length, depth)")
+    p.add_argument("--passkey-filler", choices=evaldata.FILLERS, default="varied",
+                   help="passkey filler: varied sentences (default; SmolLM2-135M reads it up to ~2K tokens) or the "
+                        "classic five sentences repeated (Mohtashami & Jaggi 2023; it reaches 4K-7K)")
     p.add_argument("--base-tokens", type=int, default=24576,
                    help="fp16 server's --max-total-tokens; every other server gets the same KV bytes")
     p.add_argument("--dtype", default="bfloat16", help="server dtype; KV is stored in it (default bfloat16)")
@@ -707,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if max(lengths, default=0) + 64 > a.base_tokens:
         p.error(f"--base-tokens {a.base_tokens} cannot hold a {max(lengths)}-token passkey prompt")
     cfg = DocQAConfig(model_path=model, docs=docs, passkey_lengths=lengths, passkey_depths=a.passkey_depths,
-                      passkey_per_cell=a.passkey_per_cell, base_tokens=a.base_tokens, dtype=a.dtype, seed=a.seed)
+                      passkey_per_cell=a.passkey_per_cell, passkey_filler=a.passkey_filler, base_tokens=a.base_tokens, dtype=a.dtype, seed=a.seed)
     reference = None
     if a.reference is not None:
         try:

@@ -28,6 +28,9 @@ from typing import Any, Sequence
 
 __all__ = [
     "FillerGenerator",
+    "ClassicFiller",
+    "CLASSIC_FILLER",
+    "FILLERS",
     "EvalSample",
     "PASSKEY_PREAMBLE",
     "PASSKEY_QUESTION",
@@ -168,6 +171,31 @@ class FillerGenerator:
         return [self.sentence() for _ in range(n)]
 
 
+# The passkey filler of Mohtashami & Jaggi (2023, "Landmark Attention"), which most passkey evaluations use: five
+# sentences over and over, so the needle is the only new text in the prompt. It tests whether the model can still
+# reach the needle through the cache; the varied filler also tests reading, which small models lose past ~2K tokens.
+CLASSIC_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                  "There and back again.")
+FILLERS = ("varied", "classic")
+
+
+class ClassicFiller:
+    """:data:`CLASSIC_FILLER` in a cycle; the same interface as :class:`FillerGenerator`."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def sentence(self) -> str:
+        s = CLASSIC_FILLER[self._next % len(CLASSIC_FILLER)]
+        self._next += 1
+        return s
+
+    _fresh = sentence  # the gap closer truncates a fresh sentence
+
+    def sentences(self, n: int) -> list[str]:
+        return [self.sentence() for _ in range(n)]
+
+
 def filler_text(rng: random.Random, num_sentences: int) -> str:
     """Plain filler paragraph (for tokenizer training, language-modelling data, demos)."""
     return " ".join(FillerGenerator(rng).sentences(num_sentences))
@@ -217,11 +245,14 @@ def _random_number(rng: random.Random, digits: int) -> str:
 
 
 def _fill_to_budget(
-    rng: random.Random, tokenizer: Any, budget: int, batch: int = 32, repeat_prob: float = 0.0
+    rng: random.Random, tokenizer: Any, budget: int, batch: int = 32, repeat_prob: float = 0.0,
+    filler: str = "varied",
 ) -> tuple[list[str], list[int]]:
     """Sentences (each with a leading space) whose token counts sum to exactly ``budget``
-    (or as close as the word granularity allows, never above)."""
-    gen = FillerGenerator(rng, repeat_prob)
+    (or as close as the word granularity allows, never above); ``filler`` is one of :data:`FILLERS`."""
+    if filler not in FILLERS:
+        raise ValueError(f"filler {filler!r}: expected one of {', '.join(FILLERS)}")
+    gen = ClassicFiller() if filler == "classic" else FillerGenerator(rng, repeat_prob)
     out: list[str] = []
     lens: list[int] = []
     total = 0
@@ -305,13 +336,14 @@ def _assemble(
     depths: list[float],
     tail: list[tuple[str, str]],
     filler_repeat: float = 0.0,
+    filler: str = "varied",
 ) -> tuple[list[tuple[str, str]], int, list[int]]:
     fixed = head + needles + tail
     fixed_len = sum(_piece_lengths(tokenizer, [t for t, _ in fixed])) + _special_overhead(tokenizer)
     budget = context_tokens - fixed_len
     if budget < 0:
         raise ValueError(f"context_tokens={context_tokens} is shorter than the fixed text ({fixed_len})")
-    sentences, lens = _fill_to_budget(rng, tokenizer, budget, repeat_prob=filler_repeat)
+    sentences, lens = _fill_to_budget(rng, tokenizer, budget, repeat_prob=filler_repeat, filler=filler)
     needle_lens = _piece_lengths(tokenizer, [t for t, _ in needles])
     body, offsets = _place_needles(sentences, lens, needles, needle_lens, depths)
     segs = head + body + tail
@@ -326,12 +358,14 @@ def passkey_sample(
     tokenizer: Any,
     digits: int = 5,
     filler_repeat: float = 0.0,
+    filler: str = "varied",
 ) -> EvalSample:
     """Passkey retrieval prompt of exactly ``context_tokens`` tokens (BOS included) when
     the filler granularity allows (always within a couple of tokens, never above).
 
     ``depth_fraction`` places the needle at that fraction of the filler (0 = right after
-    the preamble, 1 = right before the question)."""
+    the preamble, 1 = right before the question). ``filler``: ``varied`` (sentences from the grammar) or
+    ``classic`` (:data:`CLASSIC_FILLER` repeated)."""
     if not 0.0 <= depth_fraction <= 1.0:
         raise ValueError("depth_fraction must be in [0, 1]")
     key = _random_number(rng, digits)
@@ -343,6 +377,7 @@ def passkey_sample(
         depths=[depth_fraction],
         tail=[(PASSKEY_QUESTION, "query")],
         filler_repeat=filler_repeat,
+        filler=filler,
     )
     prompt = "".join(t for t, _ in segs)
     return EvalSample(

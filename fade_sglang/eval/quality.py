@@ -122,15 +122,17 @@ def _fitting(make: Callable[[int], evaldata.EvalSample], length: int) -> evaldat
     raise QualityError(f"{length} tokens cannot hold a task prompt with this tokenizer; use longer contexts")
 
 
-def passkey_items(tok: Any, lengths: Sequence[int], depths: int, per_cell: int, seed: int = 0) -> list[Item]:
-    """``per_cell`` passkey prompts per (length, depth); depths evenly spaced over [0, 1]."""
+def passkey_items(tok: Any, lengths: Sequence[int], depths: int, per_cell: int, seed: int = 0,
+                  filler: str = "varied") -> list[Item]:
+    """``per_cell`` passkey prompts per (length, depth); depths evenly spaced over [0, 1]; ``filler`` is one of
+    :data:`evaldata.FILLERS`."""
     items = []
     for length in lengths:
         rng = random.Random(seed * 100_003 + length)  # per length: a one-length run gets the same prompts
         for d in range(depths):
             depth = d / max(1, depths - 1)
             for _ in range(per_cell):
-                s = _fitting(lambda _: evaldata.passkey_sample(rng, length, depth, tok), length)
+                s = _fitting(lambda _: evaldata.passkey_sample(rng, length, depth, tok, filler=filler), length)
                 context_text = s.prompt[: len(s.prompt) - len(evaldata.PASSKEY_QUESTION)]
                 ctx, full = _split(tok, context_text, s.prompt)
                 items.append(Item("passkey", ctx, full, s.answer, length, depth))
@@ -182,6 +184,7 @@ class QualityConfig:
     batch_tokens: int = 12000  # context tokens cached at once (bounded by the packed tiers' room)
     age_timeout_s: float = 60.0
     seed: int = 0
+    passkey_filler: str = "varied"  # evaldata.FILLERS: varied sentences, or the classic repeated five
 
 
 @dataclass
@@ -325,7 +328,7 @@ def run_setting(setting: Setting, cfg: QualityConfig, tok: Any,
 
 def _run_passkey(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: Any,
                  res: SettingResult) -> None:
-    items = passkey_items(tok, cfg.lengths, cfg.depths, cfg.per_cell, cfg.seed)
+    items = passkey_items(tok, cfg.lengths, cfg.depths, cfg.per_cell, cfg.seed, cfg.passkey_filler)
     mine = len(res.passkey_answers)  # this call's records start here (doc_qa calls once per length)
     done = 0
     for length in cfg.lengths:
@@ -527,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lengths", default="256,512,1024", help="passkey context lengths (comma separated)")
     p.add_argument("--depths", type=int, default=5, help="needle depths per length, evenly spaced in [0, 1]")
     p.add_argument("--per-cell", type=int, default=4, help="passkey prompts per (length, depth)")
+    p.add_argument("--passkey-filler", choices=evaldata.FILLERS, default="varied",
+                   help="passkey filler: varied sentences (default) or the classic five repeated")
     p.add_argument("--greedy-prompts", type=int, default=4)
     p.add_argument("--greedy-tokens", type=int, default=256)
     p.add_argument("--nll-prompts", type=int, default=8)
@@ -554,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--model-path {a.model_path}: no config.json (an HF model directory is needed)")
     cfg = QualityConfig(model_path=a.model_path, dtype=a.dtype, lengths=lengths, depths=a.depths,
                         per_cell=a.per_cell, greedy_prompts=a.greedy_prompts, greedy_tokens=a.greedy_tokens,
-                        nll_prompts=a.nll_prompts, seed=a.seed)
+                        nll_prompts=a.nll_prompts, seed=a.seed, passkey_filler=a.passkey_filler)
     try:
         with unwind_on_signals():
             results = run_quality(cfg, [known[n] for n in names])
