@@ -1,5 +1,5 @@
-"""The command line every evaluation/test server starts from, and the tools' one-line report of a server that
-does not start (no server is started here)."""
+"""The command line every evaluation/test server starts from, the tools' one-line report of a server that does not
+start, and an interrupt that does not wait for requests in flight (no server is started here)."""
 
 from __future__ import annotations
 
@@ -49,3 +49,31 @@ def test_serving_benchmark_reports_a_server_that_does_not_start_in_one_line(monk
     assert serving.main(["--scale", "smoke", "--configs", "fp16", "--out-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "serving.py: error: a server did not start: sglang server not ready after 300s; log tail (/tmp/x.log):")
+
+
+def test_a_failed_parallel_call_does_not_wait_for_the_calls_in_flight() -> None:
+    """quality._parallel: Ctrl-C (or an error) during a batch reaches the caller, who stops the server, instead of
+    waiting minutes for the prefills still running."""
+    import threading
+
+    from fade_sglang.eval import quality
+
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def call(item: int) -> int:
+        if item == 0:
+            started.wait(10)
+            raise KeyboardInterrupt
+        started.set()
+        release.wait(10)  # a long request in flight
+        finished.set()
+        return item
+
+    try:
+        quality._parallel(call, [0, 1])  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        assert not finished.is_set()  # came back while the other call was still in flight
+    else:
+        raise AssertionError("the interrupt was lost")
+    finally:
+        release.set()

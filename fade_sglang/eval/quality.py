@@ -258,8 +258,13 @@ def _batches(items: list[Item], batch_tokens: int) -> list[list[Item]]:
 
 
 def _parallel(fn: Callable[[Item], Any], items: list[Item]) -> list[Any]:
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(items)))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(16, max(1, len(items))))
+    try:
         return list(pool.map(fn, items))
+    finally:
+        # On Ctrl-C or a failed call, do not wait for the requests still in flight (a 7K-token prefill on a CPU
+        # takes minutes): the caller's ``with ServerProcess`` stops the server, which ends them.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _check_cached(setting: Setting, item: Item, out: dict[str, Any]) -> None:
