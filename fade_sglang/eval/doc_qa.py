@@ -22,7 +22,8 @@ cache), fact recall (the fp16 answer's fact string appears in the answer), the m
 of the held conversations (``tokens x 16-bit bytes/token / stored bytes``, from ``/fade/stats``), and
 passkey retrieval (:func:`fade_sglang.eval.quality._run_passkey`: cache the context, age it, ask; every
 prompt's answer is kept). ``--docs 0`` runs passkey retrieval alone, e.g. with ``--passkey-per-cell`` for
-enough prompts to tell 67% from 95%.
+enough prompts to tell 67% from 95%; ``--passkey-filler classic`` hides the needle in the standard test's five
+repeated sentences instead of varied ones (SmolLM2-135M reads the varied filler only up to about 2K tokens).
 
 Settings, all at the KV bytes of the fp16 server's ``--max-total-tokens`` (every server gets the same
 ``--max-total-tokens``: fade's pool is sized like plain SGLang's): ``fp16`` (plain SGLang),
