@@ -715,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if max(lengths, default=0) + 64 > a.base_tokens:
         p.error(f"--base-tokens {a.base_tokens} cannot hold a {max(lengths)}-token passkey prompt")
     cfg = DocQAConfig(model_path=model, docs=docs, passkey_lengths=lengths, passkey_depths=a.passkey_depths,
-                      passkey_per_cell=a.passkey_per_cell, passkey_filler=a.passkey_filler, base_tokens=a.base_tokens, dtype=a.dtype, seed=a.seed)
+                      passkey_per_cell=a.passkey_per_cell, passkey_filler=a.passkey_filler,
+                      base_tokens=a.base_tokens, dtype=a.dtype, seed=a.seed)
     reference = None
     if a.reference is not None:
         try:

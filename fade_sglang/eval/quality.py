@@ -344,7 +344,8 @@ def _run_passkey(srv: ServerProcess, setting: Setting, cfg: QualityConfig, tok: 
             res.record(f"passkey@{length}", measured)
             for it, out in zip(batch, outs):
                 res.passkey_answers.append({"length": it.length, "depth": round(it.depth, 4), "passkey": it.answer,
-                                            "answer": out["text"], "hit": evaldata.score_answer(out["text"], it.answer)})
+                                            "answer": out["text"],
+                                            "hit": evaldata.score_answer(out["text"], it.answer)})
             done += len(batch)
             _progress(setting.name, "passkey", done, len(items))
         res.passkey[str(length)] = _accuracy(a for a in res.passkey_answers[mine:] if a["length"] == length)
